@@ -1,0 +1,457 @@
+"""The Mamba-2 (SSD) mixer, one implementation for the language model and the scan connector.
+
+Parameter names follow state-spaces/mamba `mamba_ssm/modules/mamba2.py` so that released
+checkpoints load by renaming prefixes only:
+
+    in_proj   Linear(d_model -> [z: d_inner | xBC: d_inner + 2*ngroups*d_state | dt: nheads])
+    conv1d    depthwise causal Conv1d over xBC (kernel d_conv), followed by SiLU
+    dt_bias, A_log, D   one scalar per head
+    norm      gated RMSNorm: rmsnorm(y * silu(z)) per group (norm_before_gate=False)
+    out_proj  Linear(d_inner -> d_model)
+
+The bidirectional variant (ML-Mamba's MSC, released as "Bidirectional_Mamba") adds
+`conv1d_b`, `dt_bias_b`, `A_log_b`, `D_b` for a second scan over the reversed sequence and
+returns `out_proj((norm(y_fwd, z) + flip(norm(y_bwd, flip(z)))) / 2)`: in_proj, norm and out_proj
+are shared; each direction is gated and normalised before the average (as in the released fork's
+`Mamba2` with `bimamba_type="v2"`).
+
+Shapes used throughout: b = batch, l = sequence, h = nheads, p = headdim, g = ngroups,
+n = d_state, c = number of chunks, s/t = positions inside a chunk.
+
+Two scan algorithms, equal up to float rounding:
+  * `ssd_chunk_scan`: the chunked SSD algorithm for whole sequences (prefill, training).
+    Per chunk it builds (chunk x chunk) mixing matrices, never (sequence x sequence), and it
+    never repeats B or C over heads, so memory is O(l * h * chunk) + O(l / chunk * h * p * n).
+  * `ssd_step`: the recurrence for one new token (decoding), O(h * p * n).
+On CUDA, mamba_ssm's Triton kernels are used where importable (see `kernels.py`).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import get_mamba2_kernels
+
+
+class RMSNormGated(nn.Module):
+    """`rmsnorm(x * silu(z)) * weight`, normalised per group of `group_size` channels, in fp32."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if z is not None:
+            x = x * F.silu(z.float())
+        x = x.unflatten(-1, (-1, self.group_size))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.flatten(-2) * self.weight.float()).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """Plain RMSNorm computed in fp32 (mamba_ssm's `RMSNorm`), output in `out_dtype` or the weight dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(self.weight.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Scans (pure torch). All math in fp32.
+# --------------------------------------------------------------------------------------
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """x: (..., t) -> (..., t, t) with out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i, -inf above."""
+    t = x.shape[-1]
+    x = x[..., None].expand(*x.shape, t)
+    below = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~below, 0)
+    out = torch.cumsum(x, dim=-2)
+    keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~keep, -torch.inf)
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,  y_t = C_t h_t + D x_t.
+
+    Args:
+        x: (b, l, h, p) inputs.
+        dt: (b, l, h) step sizes, already `softplus(dt + dt_bias)`; a zero step leaves the state untouched.
+        A: (h,) negative decay rates.
+        B, C: (b, l, g, n) input and output projections, shared by the h // g heads of a group.
+        chunk_size: chunk length; the result does not depend on it (up to rounding).
+        D: (h,) skip connection.
+        initial_state: (b, h, p, n) state before the first token, or None for zeros.
+
+    Returns:
+        y: (b, l, h, p) in x's dtype and final_state: (b, h, p, n) in fp32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g
+    dtype = x.dtype
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    pad = (-l) % chunk_size
+    if pad:
+        # Zero steps and zero inputs leave the state as it is, so padding does not change it.
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (l + pad) // chunk_size
+    x = x.view(b, c, chunk_size, g, hg, p)
+    dt = dt.view(b, c, chunk_size, g, hg)
+    B = B.view(b, c, chunk_size, g, n)
+    C = C.view(b, c, chunk_size, g, n)
+
+    dA = dt * A.float().view(g, hg)  # (b, c, s, g, hg)
+    dA_cumsum = torch.cumsum(dA, dim=2)  # (b, c, s, g, hg)
+    xdt = x * dt[..., None]  # (b, c, s, g, hg, p)
+
+    # 1. Within each chunk: y[t] += sum_{s<=t} (C_t . B_s) exp(dA_cumsum[t] - dA_cumsum[s]) xdt[s]
+    decay = torch.exp(_segsum(dA.permute(0, 1, 3, 4, 2)))  # (b, c, g, hg, t, s)
+    CB = torch.einsum("bctgn,bcsgn->bcgts", C, B)  # (b, c, g, t, s)
+    y = torch.einsum("bcgjts,bcsgjp->bctgjp", CB[:, :, :, None] * decay, xdt)
+
+    # 2. The state each chunk contributes at its end: sum_s exp(dA_cumsum[end] - dA_cumsum[s]) B_s xdt_s
+    decay_to_end = torch.exp(dA_cumsum[:, :, -1:] - dA_cumsum)  # (b, c, s, g, hg)
+    chunk_states = torch.einsum("bcsgn,bcsgjp->bcgjpn", B, xdt * decay_to_end[..., None])
+
+    # 3. Carry the state across chunks (c is small: l / chunk_size steps).
+    state = (
+        initial_state.float().view(b, g, hg, p, n)
+        if initial_state is not None
+        else x.new_zeros(b, g, hg, p, n)
+    )
+    chunk_decay = torch.exp(dA_cumsum[:, :, -1])  # (b, c, g, hg)
+    states_before = []
+    for i in range(c):
+        states_before.append(state)
+        state = state * chunk_decay[:, i, :, :, None, None] + chunk_states[:, i]
+    states_before = torch.stack(states_before, dim=1)  # (b, c, g, hg, p, n)
+
+    # 4. Contribution of the state entering each chunk: y[t] += exp(dA_cumsum[t]) C_t . state
+    y = y + torch.einsum("bctgn,bcgjpn->bctgjp", C, states_before) * torch.exp(dA_cumsum)[..., None]
+
+    y = y.reshape(b, c * chunk_size, h, p)[:, :l]
+    if D is not None:
+        y = y + x.reshape(b, c * chunk_size, h, p)[:, :l] * D.float()[:, None]
+    return y.to(dtype), state.view(b, h, p, n)
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One recurrent step, updating `state` in place.
+
+    Args:
+        state: (b, h, p, n) SSM state (any float dtype; updated in place).
+        x: (b, h, p); dt: (b, h) (already softplus'd); A, D: (h,); B, C: (b, g, n).
+
+    Returns:
+        y: (b, h, p) in x's dtype.
+    """
+    b, h, p = x.shape
+    g, n = B.shape[-2:]
+    hg = h // g
+    dtype = x.dtype
+    x32, dt32 = x.float(), dt.float()
+    dA = torch.exp(dt32 * A.float())  # (b, h)
+    Bh = B.float().repeat_interleave(hg, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(hg, dim=1)
+    new_state = state.float() * dA[:, :, None, None] + (dt32[:, :, None] * x32)[..., None] * Bh[:, :, None, :]
+    state.copy_(new_state)
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+    if D is not None:
+        y = y + x32 * D.float()[:, None]
+    return y.to(dtype)
+
+
+def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
+    """Reference recurrence, one token at a time (tests only). Same arguments as `ssd_chunk_scan`."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    state = initial_state.float().clone() if initial_state is not None else x.new_zeros(b, h, p, n, dtype=torch.float32)
+    ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(l)]
+    return torch.stack(ys, dim=1), state
+
+
+# --------------------------------------------------------------------------------------
+# Padding: rows of a batch may hold their tokens in one contiguous block (left or right
+# padding). Such rows are shifted so that every row starts at position 0; the scan then
+# sees the same inputs as the row run alone, pads get dt = 0 (no decay, no input), and
+# the conv state is read at each row's last real token.
+# --------------------------------------------------------------------------------------
+
+
+def _pack_left_index(mask: torch.Tensor) -> torch.Tensor:
+    """mask: (b, l) of 0/1 with one contiguous block of ones per row -> (b, l) gather index that
+    moves each row's block to the front (pads behind it)."""
+    l = mask.shape[1]
+    start = torch.argmax(mask.to(torch.int32), dim=1, keepdim=True)  # first real token (0 for an all-pad row)
+    return (torch.arange(l, device=mask.device)[None] + start) % l
+
+
+def _check_contiguous(mask: torch.Tensor) -> None:
+    m = mask.to(torch.int8)
+    rises = (m[:, 1:] > m[:, :-1]).sum(1) + (m[:, 0] > 0)
+    if bool((rises > 1).any()):
+        raise ValueError(
+            "attention_mask must mark one contiguous block of tokens per row (left or right padding); "
+            "got a row with a gap inside it. Pack or split such sequences before calling the model."
+        )
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 SSD mixer. Input and output: (b, l, d_model).
+
+    `bidirectional=False`: causal scan with an optional decode state (language model).
+    `bidirectional=True`: forward scan plus a scan over the reversed sequence (MSC connector).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        conv_bias: bool = True,
+        bias: bool = False,
+        norm_eps: float = 1e-5,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        A_init_range: tuple[float, float] = (1, 16),
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bidirectional: bool = False,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * d_model
+        self.headdim = headdim
+        self.ngroups = ngroups
+        if self.d_inner % headdim:
+            raise ValueError(f"expand * d_model = {self.d_inner} must be a multiple of headdim = {headdim}")
+        self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"nheads = {self.nheads} must be a multiple of ngroups = {ngroups}")
+        self.chunk_size = chunk_size
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.A_init_range = tuple(A_init_range)
+        self.dt_limit = tuple(dt_limit)
+        self.bidirectional = bidirectional
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        if bidirectional:
+            self.conv1d_b = nn.Conv1d(
+                self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias
+            )
+            self.dt_bias_b = nn.Parameter(torch.empty(self.nheads))
+            self.A_log_b = nn.Parameter(torch.empty(self.nheads))
+            self.D_b = nn.Parameter(torch.ones(self.nheads))
+        self.norm = RMSNormGated(self.d_inner, group_size=self.d_inner // ngroups, eps=norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """mamba_ssm's initialisation of dt_bias (inverse softplus of a log-uniform dt), A_log and D."""
+        suffixes = ["", "_b"] if self.bidirectional else [""]
+        for suffix in suffixes:
+            dt_bias, A_log, D = (getattr(self, name + suffix) for name in ("dt_bias", "A_log", "D"))
+            if dt_bias.device.type == "meta":
+                continue
+            dt = torch.exp(
+                torch.rand(self.nheads, device=dt_bias.device) * (math.log(self.dt_max) - math.log(self.dt_min))
+                + math.log(self.dt_min)
+            ).clamp(min=self.dt_init_floor)
+            dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            A_log.copy_(torch.log(torch.empty(self.nheads, device=A_log.device).uniform_(*self.A_init_range)))
+            D.fill_(1.0)
+
+    # ---- pieces shared by both directions -------------------------------------------------
+
+    def _split(self, zxbcdt: torch.Tensor):
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _dt(self, dt_raw: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt_raw.float() + dt_bias.float())
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*self.dt_limit)
+        return dt
+
+    def _conv(self, xBC: torch.Tensor, conv: nn.Conv1d, conv_state: torch.Tensor | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU. xBC: (b, l, conv_dim); conv_state: (b, conv_dim, d_conv) or None."""
+        l = xBC.shape[1]
+        x = xBC.transpose(1, 2)
+        if conv_state is None:
+            x = F.pad(x, (self.d_conv - 1, 0))
+        else:
+            x = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=-1)
+        out = F.conv1d(x, conv.weight, conv.bias, groups=self.conv_dim)
+        return F.silu(out[:, :, :l]).transpose(1, 2)
+
+    def _scan(self, xBC, dt, A_log, D, initial_state=None):
+        """xBC: (b, l, conv_dim) after conv; dt: (b, l, h) -> y (b, l, d_inner), final state."""
+        b, l, _ = xBC.shape
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(A_log.float())
+        kernels = get_mamba2_kernels(xBC)
+        args = (
+            x.reshape(b, l, self.nheads, self.headdim),
+            dt,
+            A,
+            B.reshape(b, l, self.ngroups, self.d_state),
+            C.reshape(b, l, self.ngroups, self.d_state),
+            self.chunk_size,
+        )
+        if kernels is not None:
+            y, state = kernels.chunk_scan(*args, D=D, initial_state=initial_state)
+        else:
+            y, state = ssd_chunk_scan(*args, D=D, initial_state=initial_state)
+        return y.reshape(b, l, self.d_inner), state
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        conv_state: torch.Tensor | None = None,
+        ssm_state: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: (b, l, d_model).
+            attention_mask: (b, l) with 1 for tokens and 0 for padding, one contiguous block of tokens
+                per row. Padding never changes the states, so each row equals the row run alone.
+            conv_state: (b, conv_dim, d_conv), the last d_conv inputs of the conv; read and updated in place.
+            ssm_state: (b, nheads, headdim, d_state); read and updated in place. Give both states or neither.
+                With states, `l == 1` takes the recurrent step and `l > 1` continues the chunked scan.
+
+        Returns:
+            (b, l, d_model). Outputs at padding positions are unspecified.
+        """
+        if self.bidirectional:
+            if conv_state is not None or ssm_state is not None:
+                raise ValueError("a bidirectional scan has no decode state")
+            return self._forward_bidirectional(hidden_states, attention_mask)
+        if (conv_state is None) != (ssm_state is None):
+            raise ValueError("pass both conv_state and ssm_state, or neither")
+        if conv_state is not None and hidden_states.shape[1] == 1 and attention_mask is None:
+            return self._step(hidden_states, conv_state, ssm_state)
+        return self._forward_causal(hidden_states, attention_mask, conv_state, ssm_state)
+
+    def _forward_causal(self, u, attention_mask, conv_state, ssm_state):
+        b, l, _ = u.shape
+        unpack = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            _check_contiguous(attention_mask)
+            index = _pack_left_index(attention_mask)
+            u = u.gather(1, index[:, :, None].expand_as(u))
+            attention_mask = attention_mask.gather(1, index)
+            unpack = torch.argsort(index, dim=1)
+        else:
+            attention_mask = None
+
+        z, xBC, dt_raw = self._split(self.in_proj(u))
+        if attention_mask is not None:
+            # Tokens sit at the front of every row now: pads at the end must not enter the conv state.
+            xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
+        xBC_in = xBC
+        xBC = self._conv(xBC, self.conv1d, conv_state)
+        dt = self._dt(dt_raw, self.dt_bias)
+        if attention_mask is not None:
+            dt = dt * attention_mask[:, :, None].to(dt.dtype)
+        y, final_state = self._scan(xBC, dt, self.A_log, self.D, initial_state=ssm_state)
+
+        if conv_state is not None:
+            # New conv state: the last d_conv inputs up to each row's last real token.
+            history = torch.cat([conv_state.to(xBC_in.dtype), xBC_in.transpose(1, 2)], dim=-1)  # (b, conv_dim, d_conv + l)
+            lengths = attention_mask.sum(1) if attention_mask is not None else torch.full((b,), l, device=u.device)
+            cols = lengths[:, None] + torch.arange(self.d_conv, device=u.device)[None]  # (b, d_conv)
+            conv_state.copy_(history.gather(2, cols[:, None, :].expand(-1, self.conv_dim, -1)))
+            ssm_state.copy_(final_state)
+
+        y = self.norm(y, z)
+        out = self.out_proj(y.to(u.dtype))
+        if unpack is not None:
+            out = out.gather(1, unpack[:, :, None].expand_as(out))
+        return out
+
+    def _step(self, u, conv_state, ssm_state):
+        """One token: u (b, 1, d_model)."""
+        z, xBC, dt_raw = self._split(self.in_proj(u[:, 0]))
+        kernels = get_mamba2_kernels(u)
+        if kernels is not None and kernels.conv_update is not None:
+            xBC = kernels.conv_update(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)
+        else:
+            conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+            conv_state[:, :, -1] = xBC.to(conv_state.dtype)
+            xBC = torch.sum(conv_state * self.conv1d.weight[:, 0], dim=-1)
+            if self.conv1d.bias is not None:
+                xBC = xBC + self.conv1d.bias
+            xBC = F.silu(xBC)
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        b = u.shape[0]
+        A = -torch.exp(self.A_log.float())
+        x = x.reshape(b, self.nheads, self.headdim)
+        B = B.reshape(b, self.ngroups, self.d_state)
+        C = C.reshape(b, self.ngroups, self.d_state)
+        if kernels is not None and self.dt_limit == (0.0, float("inf")):
+            y = kernels.state_update(ssm_state, x, dt_raw, A, B, C, self.D, self.dt_bias)
+        else:
+            y = ssd_step(ssm_state, x, self._dt(dt_raw, self.dt_bias), A, B, C, self.D)
+        y = self.norm(y.reshape(b, self.d_inner), z)
+        return self.out_proj(y.to(u.dtype))[:, None]
+
+    def _forward_bidirectional(self, u, attention_mask):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("the bidirectional scan connector takes full image grids; attention_mask is not supported")
+        z, xBC, dt_raw = self._split(self.in_proj(u))
+        y_f, _ = self._scan(
+            self._conv(xBC, self.conv1d, None), self._dt(dt_raw, self.dt_bias), self.A_log, self.D
+        )
+        xBC_r, dt_r = xBC.flip(1), dt_raw.flip(1)
+        y_b, _ = self._scan(
+            self._conv(xBC_r, self.conv1d_b, None), self._dt(dt_r, self.dt_bias_b), self.A_log_b, self.D_b
+        )
+        # As released: each direction is gated and normalised on its own, then the two are averaged.
+        y = (self.norm(y_f, z) + self.norm(y_b.flip(1), z)) / 2
+        return self.out_proj(y.to(u.dtype))

@@ -1,0 +1,617 @@
+"""ML-Mamba as a transformers model.
+
+    pixel_values (n_images, 3 * n_encoders, H, W)
+      -> MLMambaVisionTower     transformers' SiglipVisionModel / Dinov2WithRegistersModel / CLIPVisionModel,
+                                hidden state `feature_layer`, prefix tokens dropped, fused on channels
+                                -> (n_images, num_image_tokens, vision_hidden)
+      -> MLMambaConnector       "msc": mlp -> MSC (bidirectional Mamba-2 scan connector) -> projector
+                                -> (n_images, num_image_tokens, d_model)
+      -> replaces the `<image>` placeholder embeddings in the text
+      -> MLMambaLanguageModel   Mamba-2 blocks (mamba_ssm layout: embedding, layers.N.{norm,mixer}, norm_f)
+      -> lm_head (tied to the embedding) -> logits
+
+Decoding keeps an `MLMambaCache`: per layer a conv state and an SSM state, constant in sequence length.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+try:  # transformers 5: init functions that leave loaded weights alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4
+    from torch.nn import init
+
+import transformers
+
+from .configuration_mlmamba import MLMambaConfig, MLMambaConnectorConfig, MLMambaTextConfig, MLMambaVisionConfig
+from .mamba2_mixer import Mamba2Mixer, RMSNorm
+
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+# --------------------------------------------------------------------------------------
+# State cache
+# --------------------------------------------------------------------------------------
+
+
+class MLMambaCache:
+    """Decoding state of the language model, constant in sequence length.
+
+    Per layer: `conv_states[i]` (batch, conv_dim, d_conv) in the model dtype and
+    `ssm_states[i]` (batch, nheads, headdim, d_state) in `ssm_state_dtype` (fp32 by default).
+    `seqlen_offset` counts the positions consumed so far.
+    """
+
+    is_compileable = False
+
+    def __init__(
+        self,
+        config: MLMambaTextConfig,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        ssm_state_dtype: torch.dtype = torch.float32,
+    ):
+        d_inner = config.expand * config.d_model
+        conv_dim = d_inner + 2 * config.ngroups * config.d_state
+        nheads = d_inner // config.headdim
+        self.conv_states = [
+            torch.zeros(batch_size, conv_dim, config.d_conv, dtype=dtype, device=device) for _ in range(config.n_layer)
+        ]
+        self.ssm_states = [
+            torch.zeros(batch_size, nheads, config.headdim, config.d_state, dtype=ssm_state_dtype, device=device)
+            for _ in range(config.n_layer)
+        ]
+        self.seqlen_offset = 0
+        self.prompt_in_embeds = False  # prefill consumed inputs_embeds that input_ids do not repeat
+
+    @property
+    def batch_size(self) -> int:
+        return self.conv_states[0].shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seqlen_offset
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search)."""
+        for states in (self.conv_states, self.ssm_states):
+            for i, s in enumerate(states):
+                states[i] = s.index_select(0, beam_idx.to(s.device))
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.conv_states + self.ssm_states)
+
+
+# --------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MLMambaModelOutput(ModelOutput):
+    """
+    last_hidden_state: (batch, seq, d_model) after the final norm.
+    cache_params: the updated `MLMambaCache` when `use_cache`.
+    hidden_states: per layer outputs (embeddings first) when `output_hidden_states`.
+    image_hidden_states: (n_images, num_image_tokens, d_model) connector outputs when images were given.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache_params: MLMambaCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class MLMambaCausalLMOutput(ModelOutput):
+    """
+    loss: mean next-token cross-entropy over labels != -100 (when `labels` are given).
+    logits: (batch, seq or logits_to_keep, vocab).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache_params: MLMambaCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Vision tower
+# --------------------------------------------------------------------------------------
+
+
+class MLMambaVisionTower(nn.Module):
+    """Runs each encoder on its own 3 channels of `pixel_values` and concatenates the patch features.
+
+    pixel_values: (n, 3 * n_encoders, image_size, image_size) -> (n, num_image_tokens, sum of hidden sizes)
+    """
+
+    def __init__(self, config: MLMambaVisionConfig):
+        super().__init__()
+        self.encoders = nn.ModuleList([AutoModel.from_config(c) for c in config.encoder_configs()])
+        self.feature_layer = config.feature_layer
+        self.num_patches = config.num_image_tokens
+        self.image_size = config.image_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (3 * len(self.encoders), self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {expected[0]}, {expected[1]}, {expected[2]}) "
+                f"(3 channels per vision encoder, resized to {self.image_size}x{self.image_size}); got "
+                f"{tuple(pixel_values.shape)}. Prepare images with MLMambaProcessor."
+            )
+        features = []
+        for i, encoder in enumerate(self.encoders):
+            trainable = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+            dtype = next(encoder.parameters()).dtype
+            with torch.set_grad_enabled(trainable):
+                out = encoder(pixel_values=pixel_values[:, 3 * i : 3 * i + 3].to(dtype), output_hidden_states=True)
+            # Prefix tokens (CLS, registers) come first; keep the patch grid.
+            features.append(out.hidden_states[self.feature_layer][:, -self.num_patches :])
+        return torch.cat(features, dim=-1)
+
+
+# --------------------------------------------------------------------------------------
+# Connector: mlp -> MSC (Mamba-2 Scan Connector) -> projector
+# --------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(w1 x) * w2 x), all with bias (as released)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class MSCLayer(GradientCheckpointingLayer):
+    """x = x + BiMamba2(x); x = x + SwiGLU(LayerNorm(x))."""
+
+    def __init__(self, config: MLMambaConnectorConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.mixer = Mamba2Mixer(d, bidirectional=True, **config.mixer_kwargs())
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
+        self.mlp = SwiGLU(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(x)
+        return x + self.mlp(self.norm(x))
+
+
+class MambaScanConnector(nn.Module):
+    """MSC, released as "Bidirectional_Mamba": a stack of MSCLayer and a final LayerNorm. (n, l, d) -> (n, l, d)."""
+
+    def __init__(self, config: MLMambaConnectorConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([MSCLayer(config) for _ in range(config.num_layers)])
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm_f(x)
+
+
+def fused_mlp_projector(in_dim: int, out_dim: int, expand: int) -> nn.Sequential:
+    """Linear(in -> expand*in) GELU Linear(-> out) GELU Linear(out -> out) (prismatic's FusedMLPProjector)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, expand * in_dim),
+        nn.GELU(),
+        nn.Linear(expand * in_dim, out_dim),
+        nn.GELU(),
+        nn.Linear(out_dim, out_dim),
+    )
+
+
+class MLMambaConnector(nn.Module):
+    """(n, num_image_tokens, vision_hidden) -> (n, num_image_tokens, d_model)."""
+
+    def __init__(self, config: MLMambaConnectorConfig, vision_hidden: int, d_model: int):
+        super().__init__()
+        self.connector_type = config.connector_type
+        if config.connector_type == "msc":
+            self.mlp = nn.Sequential(nn.Linear(vision_hidden, config.hidden_size), nn.GELU())
+            self.msc = MambaScanConnector(config)
+            self.projector = fused_mlp_projector(config.hidden_size, d_model, config.projector_expand)
+        else:
+            self.projector = fused_mlp_projector(vision_hidden, d_model, config.projector_expand)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.connector_type == "msc":
+            features = self.msc(self.mlp(features))
+        return self.projector(features)
+
+
+# --------------------------------------------------------------------------------------
+# Language model
+# --------------------------------------------------------------------------------------
+
+
+class MLMambaBlock(GradientCheckpointingLayer):
+    """mamba_ssm's pre-norm block: residual += hidden; hidden = mixer(norm(residual)).
+
+    The residual stream is carried separately (in fp32 when `residual_in_fp32`), as mamba_ssm does.
+    """
+
+    def __init__(self, config: MLMambaTextConfig):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
+        self.mixer = Mamba2Mixer(config.d_model, **config.mixer_kwargs())
+
+    def forward(self, hidden_states, residual=None, attention_mask=None, conv_state=None, ssm_state=None):
+        residual = hidden_states if residual is None else residual + hidden_states
+        if self.residual_in_fp32:
+            residual = residual.float()
+        hidden_states = self.mixer(self.norm(residual), attention_mask, conv_state=conv_state, ssm_state=ssm_state)
+        return hidden_states, residual
+
+
+class MLMambaLanguageModel(nn.Module):
+    """Mamba-2 backbone without head (mamba_ssm's `MixerModel`): (b, l, d_model) embeddings -> hidden states."""
+
+    def __init__(self, config: MLMambaTextConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList([MLMambaBlock(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon)
+
+    def forward(self, inputs_embeds, attention_mask=None, cache_params=None, output_hidden_states=False):
+        hidden_states, residual = inputs_embeds, None
+        all_hidden = (inputs_embeds,) if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            conv_state = cache_params.conv_states[i] if cache_params is not None else None
+            ssm_state = cache_params.ssm_states[i] if cache_params is not None else None
+            hidden_states, residual = layer(hidden_states, residual, attention_mask, conv_state, ssm_state)
+            if output_hidden_states:
+                all_hidden += ((residual + hidden_states).to(inputs_embeds.dtype),)
+        residual = residual + hidden_states
+        return self.norm_f(residual).to(inputs_embeds.dtype), all_hidden
+
+
+# --------------------------------------------------------------------------------------
+# Pretrained model plumbing
+# --------------------------------------------------------------------------------------
+
+
+class MLMambaPreTrainedModel(PreTrainedModel):
+    config_class = MLMambaConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "MLMambaBlock",
+        "MSCLayer",
+        "SiglipEncoderLayer",
+        "Dinov2WithRegistersLayer",
+        "CLIPEncoderLayer",
+    ]
+    _is_stateful = True
+    _supports_sdpa = True  # the vision encoders use it; the Mamba parts have no attention
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        text = self.config.text_config
+        std = text.initializer_range
+        if isinstance(module, Mamba2Mixer):
+            suffixes = ["", "_b"] if module.bidirectional else [""]
+            for suffix in suffixes:
+                dt_bias, A_log, D = (getattr(module, n + suffix) for n in ("dt_bias", "A_log", "D"))
+                log_dt = torch.rand(module.nheads, device=dt_bias.device) * (
+                    math.log(module.dt_max) - math.log(module.dt_min)
+                ) + math.log(module.dt_min)
+                dt = torch.exp(log_dt).clamp(min=module.dt_init_floor)
+                init.copy_(dt_bias, dt + torch.log(-torch.expm1(-dt)))
+                init.copy_(A_log, torch.log(torch.empty(module.nheads, device=A_log.device).uniform_(*module.A_init_range)))
+                init.ones_(D)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)) or type(module).__name__ == "RMSNormGated":
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, MLMambaBlock) and text.rescale_prenorm_residual:
+            # GPT-2 style: scale the residual branch's output projection by 1/sqrt(n_layer).
+            init.normal_(module.mixer.out_proj.weight, mean=0.0, std=std / text.n_layer**0.5)
+
+
+class MLMambaModel(MLMambaPreTrainedModel):
+    """Vision tower + connector + Mamba-2 backbone, without the LM head."""
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__(config)
+        self.vision_tower = MLMambaVisionTower(config.vision_config)
+        self.connector = MLMambaConnector(
+            config.connector_config, config.vision_config.hidden_size, config.text_config.d_model
+        )
+        self.language_model = MLMambaLanguageModel(config.text_config)
+        if getattr(config, "freeze_vision_tower", True):
+            self.vision_tower.requires_grad_(False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embedding
+
+    def set_input_embeddings(self, value):
+        self.language_model.embedding = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3 * n_encoders, H, W) -> (n_images, num_image_tokens, d_model)."""
+        features = self.vision_tower(pixel_values)
+        connector_dtype = self.connector.projector[0].weight.dtype
+        return self.connector(features.to(connector_dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache_params: MLMambaCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MLMambaModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.language_model.embedding(input_ids)
+        batch_size = inputs_embeds.shape[0]
+
+        prefill = cache_params is None or cache_params.seqlen_offset == 0
+        image_features = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError(
+                    "pixel_values need input_ids with <image> placeholder tokens to mark where the images go; "
+                    "with inputs_embeds, merge the image features (get_image_features) yourself"
+                )
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+        elif input_ids is not None and prefill:
+            n_tokens = int((input_ids == self.config.image_token_id).sum())
+            if n_tokens:
+                raise ValueError(
+                    f"input_ids hold {n_tokens} image tokens but no pixel_values were given; pass the images "
+                    "(MLMambaProcessor does both), or remove the image tokens"
+                )
+
+        if attention_mask is not None:
+            if attention_mask.shape != inputs_embeds.shape[:2]:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {tuple(inputs_embeds.shape[:2])}"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None
+
+        if use_cache is None:
+            use_cache = cache_params is not None
+        if use_cache and self.training and self.language_model.layers and self.language_model.layers[0].gradient_checkpointing:
+            use_cache = False
+        if use_cache and cache_params is None:
+            cache_params = MLMambaCache(
+                self.config.text_config, batch_size, dtype=inputs_embeds.dtype, device=inputs_embeds.device
+            )
+        if not use_cache:
+            cache_params = None
+        elif cache_params.batch_size != batch_size:
+            raise ValueError(f"cache_params holds {cache_params.batch_size} rows but the input has {batch_size}")
+
+        hidden_states, all_hidden = self.language_model(
+            inputs_embeds, attention_mask, cache_params, output_hidden_states=bool(output_hidden_states)
+        )
+        if cache_params is not None:
+            cache_params.seqlen_offset += inputs_embeds.shape[1]
+        return MLMambaModelOutput(
+            last_hidden_state=hidden_states,
+            cache_params=cache_params,
+            hidden_states=all_hidden,
+            image_hidden_states=image_features,
+        )
+
+    def _merge_image_features(self, input_ids, inputs_embeds, image_features):
+        mask = input_ids == self.config.image_token_id
+        n_tokens = int(mask.sum())
+        n_images, per_image = image_features.shape[:2]
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"Got {n_images} image(s), which need {n_images * per_image} image tokens ({per_image} each), "
+                f"but input_ids hold {n_tokens} image tokens ({n_tokens / per_image:g} images' worth). Put one "
+                "<image> in the text per image and let MLMambaProcessor expand it."
+            )
+        return inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100):
+    """Mean next-token cross-entropy (fp32) over labels != ignore_index; logits[:, t] predicts labels[:, t + 1].
+
+    With `num_items_in_batch` (Trainer's gradient accumulation) the sum is divided by it instead.
+    """
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
+    """ML-Mamba with a language-modelling head: image(s) + text -> next-token logits, and `generate()`."""
+
+    if _TRANSFORMERS_5:
+        _tied_weights_keys = {"lm_head.weight": "model.language_model.embedding.weight"}
+    else:
+        _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: MLMambaConfig):
+        super().__init__(config)
+        self.model = MLMambaModel(config)
+        self.lm_head = nn.Linear(config.text_config.d_model, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            # Remote code: let every Auto class users reach for find the code files.
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModel"] = "modeling_mlmamba.MLMambaModel"
+            auto_map["AutoModelForVision2Seq"] = "modeling_mlmamba.MLMambaForConditionalGeneration"  # transformers 4.x
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values):
+        return self.model.get_image_features(pixel_values)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the state cache is created in `prepare_inputs_for_generation`
+
+    def new_cache(self, batch_size: int) -> MLMambaCache:
+        """An empty state cache for `batch_size` rows on the model's device and dtype."""
+        return MLMambaCache(self.config.text_config, batch_size, dtype=self.dtype, device=self.device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache_params: MLMambaCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MLMambaCausalLMOutput:
+        """
+        Args:
+            input_ids: (batch, seq) token ids, with `num_image_tokens` `<image>` ids per image.
+            pixel_values: (n_images, 3 * n_encoders, H, W) from MLMambaProcessor; images fill the image
+                tokens in reading order (row by row).
+            attention_mask: (batch, seq), 1 for tokens, 0 for left or right padding.
+            labels: (batch, seq); -100 is ignored. Image token positions never carry loss.
+            cache_params / use_cache: the state cache for decoding (see MLMambaCache).
+            logits_to_keep: if > 0, only the logits of the last `logits_to_keep` positions are computed.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
+
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
+
+        return MLMambaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache_params=outputs.cache_params,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        pixel_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        cache_params: MLMambaCache | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int | None = None,
+        **kwargs,
+    ):
+        """Prefill consumes the prompt (and the images); later steps feed only the tokens the cache has
+        not seen. Without a cache the whole sequence (images included) is recomputed every step."""
+        embeds_prompt = inputs_embeds is not None and (input_ids is None or input_ids.shape[1] == 0)
+        if use_cache and cache_params is None:
+            cache_params = self.new_cache(inputs_embeds.shape[0] if embeds_prompt else input_ids.shape[0])
+        seen = cache_params.seqlen_offset if use_cache else 0
+
+        if seen == 0:
+            if embeds_prompt:
+                if use_cache:
+                    cache_params.prompt_in_embeds = True
+                model_inputs = {"inputs_embeds": inputs_embeds, "input_ids": None}
+            else:
+                model_inputs = {"input_ids": input_ids}
+        else:
+            new_ids = input_ids[:, -1:] if cache_params.prompt_in_embeds else input_ids[:, seen:]
+            if new_ids.shape[1] == 0:
+                raise ValueError(f"the cache has seen {seen} positions and input_ids hold no new token after them")
+            model_inputs = {"input_ids": new_ids}
+            if pixel_values is not None and not bool((new_ids == self.config.image_token_id).any()):
+                pixel_values = None  # the images were consumed at prefill
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, -new_ids.shape[1] :]
+        model_inputs.update(
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            cache_params=cache_params,
+            use_cache=use_cache,
+        )
+        if logits_to_keep is not None:
+            model_inputs["logits_to_keep"] = logits_to_keep
+        return model_inputs
+
+    def _reorder_cache(self, cache_params, beam_idx):
+        cache_params.reorder_cache(beam_idx)
+        return cache_params
+
+
+__all__ = [
+    "MLMambaCache",
+    "MLMambaModel",
+    "MLMambaPreTrainedModel",
+    "MLMambaForConditionalGeneration",
+]

@@ -1,0 +1,156 @@
+"""Image + text processing for ML-Mamba.
+
+MLMambaImageProcessor: "resize-naive" as released: each image is resized (bicubic, no crop) to
+    image_size x image_size, scaled to [0, 1] and normalised once per vision encoder with that
+    encoder's mean/std; the results are stacked on channels -> pixel_values (n, 3 * n_encoders, S, S).
+MLMambaProcessor: the image processor plus a GPT-NeoX-style tokenizer. Each `<image>` in the text
+    is expanded to `num_image_tokens` placeholder tokens, which the model replaces with the image's
+    embeddings; the number of `<image>` must equal the number of images.
+"""
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
+
+IMAGE_TOKEN = "<image>"
+
+
+def _to_pil(image) -> Image.Image:
+    """PIL image, (H, W[, C]) numpy array, or (C, H, W) torch tensor (uint8 0-255 or float 0-1) -> RGB PIL."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"a torch image must have shape (3, H, W) or (1, H, W); got {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
+            raise ValueError(f"a numpy image must have shape (H, W), (H, W, 3) or (H, W, 4); got {image.shape}")
+        if image.dtype != np.uint8:
+            if image.min() < 0 or image.max() > 1:
+                raise ValueError("a float image must hold values in [0, 1]; pass uint8 for 0-255 values")
+            image = (image * 255).round().astype(np.uint8)
+        return Image.fromarray(image).convert("RGB")
+    raise TypeError(
+        f"images must be PIL.Image.Image, numpy arrays (H, W, 3) or torch tensors (3, H, W); got {type(image).__name__}"
+    )
+
+
+def _flatten_images(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return [im for item in images for im in _flatten_images(item)]
+    return [images]
+
+
+class MLMambaImageProcessor(BaseImageProcessor):
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 384,
+        patch_size: int = 14,
+        image_mean=None,
+        image_std=None,
+        resample: int = Image.BICUBIC,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.image_mean = [list(m) for m in (image_mean or [[0.5, 0.5, 0.5]])]
+        self.image_std = [list(s) for s in (image_std or [[0.5, 0.5, 0.5]])]
+        self.resample = int(resample)
+        if len(self.image_mean) != len(self.image_std):
+            raise ValueError("image_mean and image_std need one entry per vision encoder")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image: the patch grid of the vision encoders."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def preprocess(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
+        images = _flatten_images(images)
+        if not images:
+            raise ValueError("no images given")
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, :, None, None]  # (E, 3, 1, 1)
+        std = np.asarray(self.image_std, dtype=np.float32)[:, :, None, None]
+        out = []
+        for image in images:
+            pil = _to_pil(image).resize((self.image_size, self.image_size), resample=self.resample)
+            x = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, S, S)
+            out.append(((x[None] - mean) / std).reshape(-1, self.image_size, self.image_size))
+        return BatchFeature({"pixel_values": np.stack(out)}, tensor_type=return_tensors)
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+class MLMambaProcessor(ProcessorMixin):
+    """Wraps MLMambaImageProcessor and a tokenizer; `processor(images=..., text=...)` gives the model inputs."""
+
+    attributes = ["image_processor", "tokenizer"]
+    if int(transformers.__version__.split(".")[0]) < 5:  # 5.x reads the classes from __init__'s signature
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_TOKEN, **kwargs):
+        self.image_token = image_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {image_token!r} token; add it as a special token")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_processor.num_image_tokens
+
+    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: one image, a list of images, or a list of lists (one list per text); they fill the
+                `<image>` markers in reading order.
+            text: a string or a list of strings, each with one `<image>` per image it refers to.
+            **kwargs: passed to the tokenizer (padding, truncation is refused, ...).
+        """
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"MLMambaProcessor takes images and text; {modality} are not supported")
+        for key in ("images_kwargs", "text_kwargs", "common_kwargs"):
+            kwargs.update(kwargs.pop(key, None) or {})
+        if kwargs.get("truncation"):
+            raise ValueError("truncation could cut image tokens apart; shorten the text instead")
+        kwargs.pop("truncation", None)
+        if text is None:
+            raise ValueError("MLMambaProcessor needs text (use `<image>` to place each image)")
+        texts = [text] if isinstance(text, str) else list(text)
+        images = _flatten_images(images)
+        n_markers = sum(t.count(self.image_token) for t in texts)
+        if n_markers != len(images):
+            raise ValueError(
+                f"got {len(images)} image(s) but {n_markers} {self.image_token} marker(s) in the text; "
+                f"put one {self.image_token} in the text for each image"
+            )
+        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        kwargs.setdefault("add_special_tokens", False)
+        data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **kwargs))
+        if images:
+            data.update(self.image_processor(images, return_tensors=return_tensors))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
