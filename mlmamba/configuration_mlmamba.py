@@ -241,6 +241,7 @@ class MLMambaConfig(PretrainedConfig):
     Args:
         vision_config, connector_config, text_config: dicts or config objects (see the classes above).
         image_token_id: id of the `<image>` placeholder; each image fills `num_image_tokens` of them.
+        freeze_vision_tower: keep the vision encoders frozen (requires_grad=False), as released.
     """
 
     model_type = "mlmamba"
@@ -256,6 +257,7 @@ class MLMambaConfig(PretrainedConfig):
         connector_config=None,
         text_config=None,
         image_token_id: int = 50277,
+        freeze_vision_tower: bool = True,
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
@@ -265,6 +267,7 @@ class MLMambaConfig(PretrainedConfig):
         if self.connector_config.hidden_size is None:
             self.connector_config.hidden_size = self.text_config.d_model
         self.image_token_id = image_token_id
+        self.freeze_vision_tower = freeze_vision_tower
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         if not 0 <= image_token_id < self.text_config.vocab_size:
             raise ValueError(

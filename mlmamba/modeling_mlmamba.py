@@ -304,6 +304,19 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _supports_sdpa = True  # the vision encoders use it; the Mamba parts have no attention
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_vision_tower_if_configured()  # loading re-creates parameters with requires_grad=True
+        return loaded
+
+    def freeze_vision_tower_if_configured(self) -> None:
+        """Freeze the vision encoders when `config.freeze_vision_tower` (default True), as released."""
+        if getattr(self.config, "freeze_vision_tower", True):
+            base = self if isinstance(self, MLMambaModel) else self.model
+            base.vision_tower.requires_grad_(False)
+
     @torch.no_grad()
     def _init_weights(self, module):
         text = self.config.text_config
@@ -348,8 +361,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
             config.connector_config, config.vision_config.hidden_size, config.text_config.d_model
         )
         self.language_model = MLMambaLanguageModel(config.text_config)
-        if getattr(config, "freeze_vision_tower", True):
-            self.vision_tower.requires_grad_(False)
+        self.freeze_vision_tower_if_configured()
         self.post_init()
 
     def get_input_embeddings(self):

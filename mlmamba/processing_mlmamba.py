@@ -118,16 +118,22 @@ class MLMambaProcessor(ProcessorMixin):
             images: one image, a list of images, or a list of lists (one list per text); they fill the
                 `<image>` markers in reading order.
             text: a string or a list of strings, each with one `<image>` per image it refers to.
-            **kwargs: passed to the tokenizer (padding, truncation is refused, ...).
+            padding: False (rows must then have equal length), True / "longest", or "max_length"
+                (with max_length); on the tokenizer's padding_side.
+            **kwargs: passed to the tokenizer (e.g. return_offsets_mapping). Truncation is refused: it
+                could cut an image's tokens apart.
+
+        Each `<image>` is tokenized as one token and then repeated `num_image_tokens` times, so token
+        offsets (return_offsets_mapping) still point into the text as given.
         """
         for modality in ("videos", "audio"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"MLMambaProcessor takes images and text; {modality} are not supported")
         for key in ("images_kwargs", "text_kwargs", "common_kwargs"):
             kwargs.update(kwargs.pop(key, None) or {})
-        if kwargs.get("truncation"):
+        kwargs.pop("return_text_replacement_offsets", None)  # offsets already refer to the unexpanded text
+        if kwargs.pop("truncation", None):
             raise ValueError("truncation could cut image tokens apart; shorten the text instead")
-        kwargs.pop("truncation", None)
         if text is None:
             raise ValueError("MLMambaProcessor needs text (use `<image>` to place each image)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -138,12 +144,53 @@ class MLMambaProcessor(ProcessorMixin):
                 f"got {len(images)} image(s) but {n_markers} {self.image_token} marker(s) in the text; "
                 f"put one {self.image_token} in the text for each image"
             )
-        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        padding = kwargs.pop("padding", False)
+        max_length = kwargs.pop("max_length", None)
+        pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
         kwargs.setdefault("add_special_tokens", False)
-        data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **kwargs))
+        encoded = self.tokenizer(texts, **kwargs)
+        rows = self._expand_image_tokens({k: list(v) for k, v in encoded.items()})
+        rows = self._pad(rows, padding, max_length, pad_to_multiple_of, ragged_ok=return_tensors is None)
+        data = dict(rows)
         if images:
             data.update(self.image_processor(images, return_tensors=return_tensors))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _expand_image_tokens(self, rows: dict) -> dict:
+        """Repeat every `<image>` position of every per-token field num_image_tokens times."""
+        n = self.num_image_tokens
+        out = {k: [] for k in rows}
+        for i, ids in enumerate(rows["input_ids"]):
+            repeats = [n if t == self.image_token_id else 1 for t in ids]
+            for key, values in rows.items():
+                out[key].append([v for v, r in zip(values[i], repeats) for _ in range(r)])
+        return out
+
+    def _pad(self, rows: dict, padding, max_length, pad_to_multiple_of, ragged_ok: bool) -> dict:
+        lengths = [len(ids) for ids in rows["input_ids"]]
+        if padding in (False, None, "do_not_pad"):
+            if len(set(lengths)) > 1 and not ragged_ok:
+                raise ValueError(f"texts have different lengths {lengths}; pass padding=True to batch them")
+            return rows
+        if padding in (True, "longest"):
+            target = max(lengths)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            if max(lengths) > max_length:
+                raise ValueError(f"a text has {max(lengths)} tokens (images included), more than max_length={max_length}")
+            target = max_length
+        else:
+            raise ValueError(f"padding={padding!r}; use False, True, 'longest' or 'max_length'")
+        if pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        fill = {"input_ids": self.tokenizer.pad_token_id, "offset_mapping": (0, 0)}
+        left = self.tokenizer.padding_side == "left"
+        for key, values in rows.items():
+            for i, row in enumerate(values):
+                pad = [fill.get(key, 0)] * (target - len(row))
+                values[i] = pad + row if left else row + pad
+        return rows
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -2,7 +2,7 @@
 
 Same conventions as the GPT-NeoX-20B tokenizer that ML-Mamba uses: byte-level pre-tokenizer and
 decoder, `<|endoftext|>` = id 0 is both eos and pad, `<|padding|>` = id 1, no BOS. `<image>` is
-added as a special token after the learned vocabulary. The merges are learned from a small fixed
+added as a special token after the learned vocabulary. Padding is on the left, for batched generation. The merges are learned from a small fixed
 English corpus, so the result is deterministic and needs no network. Real checkpoints use their
 own tokenizer (the converter's --tokenizer).
 """
@@ -56,4 +56,5 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         pad_token=EOS,
         model_max_length=1_000_000,
         clean_up_tokenization_spaces=False,
+        padding_side="left",  # batched generation continues every row from its last token
     )

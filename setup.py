@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mlmamba",
+    version="0.1.0",
+    description="ML-Mamba, VL-Mamba and Cobra: Mamba multimodal LLMs as Hugging Face transformers models",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mlmamba", "mlmamba.*"]),
+    package_data={"mlmamba": ["chat_template.jinja"]},
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.57,<6",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.34",
+        "tokenizers>=0.21",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "train": ["trl>=0.20", "peft>=0.15", "datasets>=3.0", "accelerate>=1.0"],
+        "kernels": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        "dev": ["pytest>=8", "scikit-learn", "scikit-image", "timm>=1.0"],
+    },
+    entry_points={"console_scripts": ["mlmamba-convert=mlmamba.convert:main"]},
+)
