@@ -1,0 +1,83 @@
+"""generate() with the state cache: equal to recomputing everything, batch equal to one by one."""
+
+import pytest
+import torch
+from conftest import chat_inputs, make_image
+
+
+def _prompt(processor, question):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+GREEDY = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
+
+
+@torch.no_grad()
+def test_cached_greedy_equals_recomputing_the_whole_sequence(tiny):
+    model, processor = tiny
+    inputs = chat_inputs(processor, "Which digit is this?", make_image(0))
+    cached = model.generate(**inputs, **GREEDY)
+    uncached = model.generate(**inputs, **GREEDY, use_cache=False)
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 12
+    torch.testing.assert_close(cached, uncached)
+
+
+@torch.no_grad()
+def test_cached_sampling_equals_uncached_with_the_same_seed(tiny):
+    model, processor = tiny
+    inputs = chat_inputs(processor, "Describe the image.", make_image(1))
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, eos_token_id=None)
+    torch.manual_seed(3)
+    cached = model.generate(**inputs, **kwargs)
+    torch.manual_seed(3)
+    uncached = model.generate(**inputs, **kwargs, use_cache=False)
+    torch.testing.assert_close(cached, uncached)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_prompt_alone(tiny):
+    model, processor = tiny
+    questions = ["Which digit is this?", "What?", "Describe the image in detail, please."]
+    images = [make_image(i) for i in range(3)]
+    prompts = [_prompt(processor, q) for q in questions]
+    batch = processor(images=images, text=prompts, padding=True)
+    assert (batch["attention_mask"] == 0).any()
+    generated = model.generate(**batch, **GREEDY)
+    width = batch["input_ids"].shape[1]
+    for i in range(3):
+        alone = processor(images=images[i], text=prompts[i])
+        expected = model.generate(**alone, **GREEDY)[0, alone["input_ids"].shape[1] :]
+        torch.testing.assert_close(generated[i, width:], expected)
+
+
+@torch.no_grad()
+def test_beam_search_with_cache_equals_without(tiny):
+    model, processor = tiny
+    inputs = chat_inputs(processor, "Which digit is this?", make_image(4))
+    kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    torch.testing.assert_close(model.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs, use_cache=False))
+
+
+@torch.no_grad()
+def test_the_state_cache_is_constant_in_sequence_length(tiny):
+    model, processor = tiny
+    caches = []
+    for n_words in (2, 60):
+        inputs = chat_inputs(processor, " ".join(["word"] * n_words), make_image(5))
+        caches.append(model(**inputs, use_cache=True).cache_params)
+    short, long = caches
+    assert long.seqlen_offset > 3 * short.seqlen_offset
+    assert short.nbytes() == long.nbytes() > 0
+    assert [s.shape for s in short.conv_states + short.ssm_states] == [s.shape for s in long.conv_states + long.ssm_states]
+
+
+@torch.no_grad()
+def test_images_are_used_at_prefill_only(tiny, monkeypatch):
+    model, processor = tiny
+    calls = []
+    original = model.model.vision_tower.forward
+    monkeypatch.setattr(model.model.vision_tower, "forward", lambda pv: calls.append(pv.shape) or original(pv))
+    inputs = chat_inputs(processor, "Which digit is this?", make_image(6))
+    model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert len(calls) == 1
