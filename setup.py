@@ -24,7 +24,8 @@ setup(
     extras_require={
         "train": ["trl>=0.20", "peft>=0.15", "datasets>=3.0", "accelerate>=1.0"],
         "kernels": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
-        "dev": ["pytest>=8", "scikit-learn", "scikit-image", "timm>=1.0"],
+        # no timm here: it pulls torchvision, which replaces the pinned CPU torch with a CUDA build
+        "dev": ["pytest>=8", "scikit-learn", "scikit-image"],
     },
     entry_points={"console_scripts": ["mlmamba-convert=mlmamba.convert:main"]},
 )

@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import chat_inputs, make_image
-from transformers import CLIPImageProcessor, SiglipImageProcessor
+import transformers
+
+# The original transform resizes PIL images (torchvision's Resize on a PIL image calls PIL), so the
+# reference is transformers' PIL image processors: named *Pil in transformers 5, the default in 4.x.
+CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+SiglipImageProcessor = getattr(transformers, "SiglipImageProcessorPil", transformers.SiglipImageProcessor)
 
 from mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
 from mlmamba.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, get_preset
@@ -193,7 +198,7 @@ def test_wrong_pixel_values_and_image_types(tiny):
     # accepted types give the same pixels
     pil = make_image(9)
     arr = np.asarray(pil)
-    ten = torch.from_numpy(arr).permute(2, 0, 1)
+    ten = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     ref = processor.image_processor(pil)["pixel_values"]
     for other in (arr, ten, arr.astype(np.float32) / 255):
         torch.testing.assert_close(processor.image_processor(other)["pixel_values"], ref)
