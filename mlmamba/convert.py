@@ -59,7 +59,7 @@ def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32)
 
 def save_folder(model, processor, output: str | Path) -> Path:
     output = Path(output)
-    model.save_pretrained(output)
+    model.save_pretrained(output, max_shard_size="5GB")
     processor.save_pretrained(output)
     # transformers 5 names the class "TokenizersBackend", which 4.x does not know; both read this name.
     tok_config = output / "tokenizer_config.json"
