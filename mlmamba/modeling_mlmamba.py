@@ -80,10 +80,24 @@ class MLMambaCache:
         return self.seqlen_offset
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search)."""
+        """Select batch rows in place (beam search)."""
         for states in (self.conv_states, self.ssm_states):
             for i, s in enumerate(states):
                 states[i] = s.index_select(0, beam_idx.to(s.device))
+
+    def copy(self, repeat: int = 1) -> "MLMambaCache":
+        """An independent copy, each row repeated `repeat` times (row-major, like `repeat_interleave`).
+
+        Prefix reuse: prefill an image and a system prompt once, then answer several questions from
+        copies: `model.generate(input_ids=prefix_ids + question_ids, cache_params=cache.copy())` feeds
+        only the tokens after the prefix; the vision tower and the prefix do not run again.
+        """
+        new = object.__new__(MLMambaCache)
+        new.conv_states = [s.repeat_interleave(repeat, dim=0) for s in self.conv_states]
+        new.ssm_states = [s.repeat_interleave(repeat, dim=0) for s in self.ssm_states]
+        new.seqlen_offset = self.seqlen_offset
+        new.prompt_in_embeds = self.prompt_in_embeds
+        return new
 
     def nbytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.conv_states + self.ssm_states)

@@ -81,3 +81,58 @@ def test_images_are_used_at_prefill_only(tiny, monkeypatch):
     inputs = chat_inputs(processor, "Which digit is this?", make_image(6))
     model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None)
     assert len(calls) == 1
+
+
+@torch.no_grad()
+def test_prefix_reuse_equals_full_recomputation(tiny, monkeypatch):
+    """Prefill image + system prompt once; answer several questions from copies of that state."""
+    model, processor = tiny
+    image = make_image(7)
+    system = [{"role": "system", "content": "You answer questions about one picture."}]
+    prefix_text = processor.apply_chat_template(
+        system + [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
+    )
+    prefix_text = prefix_text[: prefix_text.index("<|user|>")]  # "<image><|system|>\n...<|endoftext|>\n"
+    prefix = processor(images=image, text=prefix_text)
+    cache = model(**prefix, use_cache=True).cache_params
+
+    vision_calls = []
+    original = model.model.vision_tower.forward
+    monkeypatch.setattr(model.model.vision_tower, "forward", lambda pv: vision_calls.append(1) or original(pv))
+    for question in ["Which digit is this?", "What color is it?", "Is it large?"]:
+        full_text = prefix_text + f"<|user|>\n{question}<|endoftext|>\n<|assistant|>\n"
+        assert full_text.startswith(prefix_text)
+        full = processor(images=image, text=full_text)
+        reused = model.generate(
+            input_ids=full["input_ids"], attention_mask=full["attention_mask"], cache_params=cache.copy(), **GREEDY
+        )
+        assert not vision_calls  # neither the image nor the prefix ran again
+        monkeypatch.setattr(model.model.vision_tower, "forward", original)
+        recomputed = model.generate(**full, **GREEDY)
+        monkeypatch.setattr(model.model.vision_tower, "forward", lambda pv: vision_calls.append(1) or original(pv))
+        torch.testing.assert_close(reused, recomputed)
+    # the prefix state itself was never modified by the answers
+    again = model(**prefix, use_cache=True).cache_params
+    for a, b in zip(cache.ssm_states, again.ssm_states):
+        torch.testing.assert_close(a, b)
+
+
+@torch.no_grad()
+def test_right_padded_prefill_leaves_each_rows_state_as_alone(tiny):
+    model, processor = tiny
+    processor_right = type(processor)(processor.image_processor, processor.tokenizer, chat_template=processor.chat_template)
+    texts = ["<image>Which digit is this?", "<image>What?"]
+    images = [make_image(8), make_image(9)]
+    old_side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "right"
+    try:
+        batch = processor_right(images=images, text=texts, padding=True)
+    finally:
+        processor.tokenizer.padding_side = old_side
+    assert (batch["attention_mask"][:, -1] == 0).any()
+    cache = model(**batch, use_cache=True).cache_params
+    for i in range(2):
+        alone = model(**processor(images=images[i], text=texts[i]), use_cache=True).cache_params
+        for layer in range(len(cache.conv_states)):
+            torch.testing.assert_close(cache.conv_states[layer][i], alone.conv_states[layer][0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(cache.ssm_states[layer][i], alone.ssm_states[layer][0], atol=1e-5, rtol=1e-5)
