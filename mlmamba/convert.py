@@ -1,11 +1,23 @@
-"""Write complete model folders.
+"""Write complete, Hub-ready model folders (also installed as `mlmamba-convert`).
 
+Random weights of a named configuration (offline):
     python -m mlmamba.convert --random --preset mlmamba-tiny --output DIR
 
-writes a random-weight model (safetensors), its config, the processor (image processor, an offline
-tokenizer, chat_template.jinja) and the code files, so that DIR loads with
+The released ML-Mamba checkpoint, with the vision encoders' own releases and the tokenizer:
+    python -m mlmamba.convert --checkpoint latest-checkpoint.pt \\
+        --vision facebook/dinov2-with-registers-large --vision google/siglip-so400m-patch14-384 \\
+        --tokenizer xiuyul/mamba-2.8b-zephyr --output ml-mamba-3b
+
+A pretrained Mamba-2 language model under a random connector (to train a new model from it):
+    python -m mlmamba.convert --text-model state-spaces/mamba2-2.7b --preset mlmamba-3b \\
+        --vision ... --vision ... --tokenizer ... --output DIR
+
+Each folder holds config.json, model.safetensors (sharded at 5 GB), the processor and tokenizer,
+chat_template.jinja, the code files and a model card (README.md), and loads with
 `AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(DIR, trust_remote_code=True)`, with or without this package installed.
+--vision, --tokenizer and --text-model take local folders or Hub ids (Hub ids need the network
+once; local folders never do). Conversion is strict: every source tensor is used exactly once.
 """
 
 import argparse
@@ -14,12 +26,18 @@ from pathlib import Path
 
 import torch
 
-from . import MLMambaForConditionalGeneration, MLMambaImageProcessor, MLMambaProcessor
-from .presets import PRESETS, TOKENIZER_VOCAB, get_preset
-from .tokenizer_offline import build_tokenizer
+from . import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaImageProcessor, MLMambaProcessor
+from .presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, SIGLIP_MEAN, SIGLIP_STD, TOKENIZER_VOCAB, get_preset
+from .tokenizer_offline import IMAGE, build_tokenizer
 
 CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# normalisation each encoder family was trained with (as in the released image transform)
+NORMALIZATION = {
+    "dinov2_with_registers": (IMAGENET_MEAN, IMAGENET_STD),
+    "siglip_vision_model": (SIGLIP_MEAN, SIGLIP_STD),
+    "clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+}
 
 
 def build_processor(config, tokenizer) -> MLMambaProcessor:
@@ -34,27 +52,200 @@ def build_processor(config, tokenizer) -> MLMambaProcessor:
     return MLMambaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
+def _build(config: MLMambaConfig, dtype: torch.dtype, seed: int = 0) -> MLMambaForConditionalGeneration:
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return MLMambaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _finish(model, tokenizer):
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), build_processor(model.config, tokenizer)
+
+
 def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random-weight model of a named configuration and its processor (offline tokenizer)."""
     tokenizer = build_tokenizer(TOKENIZER_VOCAB[preset])
     config = get_preset(
         preset,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {config.text_config.vocab_size}")
-    torch.manual_seed(seed)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = MLMambaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), build_processor(config, tokenizer)
+    return _finish(_build(config, dtype, seed), tokenizer)
+
+
+def load_tokenizer(source: str, vocab_size: int):
+    """A tokenizer folder or Hub id, with `<image>` added as a special token when it lacks one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if IMAGE not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]}, replace_additional_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens (with {IMAGE}) but the embedding only {vocab_size} rows"
+        )
+    return tokenizer
+
+
+def _vision(sources: list[str], image_size: int, dtype) -> tuple[dict, dict, list[str]]:
+    from .checkpoints import load_vision_encoder
+
+    encoders, means, stds, state, notes = [], [], [], {}, []
+    for i, source in enumerate(sources):
+        config, tensors, dropped = load_vision_encoder(source, image_size, dtype=dtype)
+        encoders.append(config)
+        mean, std = NORMALIZATION[config["model_type"]]
+        means.append(mean)
+        stds.append(std)
+        state.update({f"model.vision_tower.encoders.{i}.{k}": v for k, v in tensors.items()})
+        if dropped:
+            notes.append(f"{source}: not used by ML-Mamba, dropped: {len(dropped)} tensors ({_summarize(dropped)})")
+    return dict(encoders=encoders, feature_layer=-2, image_mean=means, image_std=stds), state, notes
+
+
+def _summarize(keys: list[str]) -> str:
+    return ", ".join(sorted({k.split(".")[0] for k in keys}))
+
+
+def load_into(model, state: dict) -> None:
+    """Load `state` into `model`; every model tensor must be given and every given tensor used."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state) - {"lm_head.weight"})
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:20]}, unexpected {unexpected[:20]}")
+    for key, value in state.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit the model's {tuple(own[key].shape)}")
+    model.load_state_dict({**state, "lm_head.weight": state["model.language_model.embedding.weight"]})
+    model.tie_weights()
+
+
+def convert_release(checkpoint, vision: list[str], tokenizer: str, dtype=None, ngroups: int = 1, image_size: int = 384):
+    """ML-Mamba's released checkpoint + its vision encoders + tokenizer -> (model, processor, notes)."""
+    from .checkpoints import TensorLedger, infer_mamba2_config, load_tensors, split_release, take_connector, take_language_model
+
+    parts = split_release(load_tensors(checkpoint))
+    llm = TensorLedger(parts["llm_backbone"], "llm_backbone")
+    text = infer_mamba2_config(llm.tensors, "backbone.", ngroups=ngroups)
+    lm_state = take_language_model(llm, text)
+    llm.finish()
+    dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
+    vision_config, vision_state, notes = _vision(vision, image_size=image_size, dtype=dtype)
+    vision_hidden = sum(e["hidden_size"] for e in vision_config["encoders"])
+    connector_config, connector_state = take_connector(parts, vision_hidden, text["d_model"])
+    tok = load_tokenizer(tokenizer, text["vocab_size"])
+    config = MLMambaConfig(
+        vision_config=vision_config,
+        connector_config=connector_config,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = _build(config, dtype)
+    load_into(model, {**lm_state, **connector_state, **vision_state})
+    model, processor = _finish(model, tok)
+    return model, processor, notes
+
+
+def convert_text_model(text_model: str, preset: str, vision: list[str], tokenizer: str, dtype=None, seed: int = 0):
+    """A pretrained Mamba-2 LM (vision encoders too, if given) under a randomly initialised connector."""
+    from huggingface_hub import snapshot_download
+
+    from .checkpoints import mamba2_from_folder
+
+    folder = text_model if Path(text_model).is_dir() else snapshot_download(text_model)
+    text, lm_state = mamba2_from_folder(folder)
+    dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
+    base = PRESETS[preset]()
+    image_size = base["vision_config"]["encoders"][0]["image_size"]
+    vision_config, vision_state, notes = (base["vision_config"], {}, []) if not vision else _vision(vision, image_size, dtype)
+    tok = load_tokenizer(tokenizer, text["vocab_size"])
+    config = MLMambaConfig(
+        vision_config=vision_config,
+        connector_config={**base["connector_config"], "hidden_size": text["d_model"]},
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = _build(config, dtype, seed)
+    own = model.state_dict()
+    random_parts = {k: v for k, v in own.items() if k.startswith("model.connector.")}
+    if not vision:
+        random_parts.update({k: v for k, v in own.items() if k.startswith("model.vision_tower.")})
+    load_into(model, {**lm_state, **vision_state, **random_parts})
+    notes.append("the connector is randomly initialised" + ("" if vision else ", and so are the vision encoders"))
+    model, processor = _finish(model, tok)
+    return model, processor, notes
+
+
+def write_model_card(output: Path, title: str, base_models: list[str], notes: list[str], license: str = "mit") -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_models = [b for b in base_models if not Path(b).exists()]  # Hub ids only, never local paths
+    data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=base_models or None,
+        tags=["mamba", "mamba2", "state-space-model", "ml-mamba", "custom_code"],
+    )
+    snippet = f'''```python
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+MODEL = "{output.name}"  # this folder, or its Hub id
+model = AutoModelForImageTextToText.from_pretrained(MODEL, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(MODEL, trust_remote_code=True)
+
+image = Image.new("RGB", (384, 384), (200, 30, 30))
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=image, text=prompt)
+output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+```'''
+    body = "\n".join(
+        [
+            "---",
+            data.to_yaml(),
+            "---",
+            f"# {title}",
+            "",
+            "ML-Mamba (Huang & Hu, [arXiv:2407.19832](https://arxiv.org/abs/2407.19832)): a Mamba-2 language model that "
+            "sees images through DINOv2 + SigLIP features and the Mamba-2 Scan Connector (MSC), converted with "
+            "the mlmamba package into a transformers model (`trust_remote_code=True`). Builds on Cobra "
+            "([arXiv:2403.14520](https://arxiv.org/abs/2403.14520)) and VL-Mamba ([arXiv:2403.13600](https://arxiv.org/abs/2403.13600)).",
+            "",
+            "## Usage",
+            "",
+            snippet,
+            "",
+            "Generation keeps a constant-size state cache (no KV cache). Prompts follow the Zephyr format of the "
+            "chat template; images go before the text, as in training.",
+            "",
+            "## Conversion notes",
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+        ]
+    )
+    ModelCard(body).save(output / "README.md")
 
 
 def save_folder(model, processor, output: str | Path) -> Path:
@@ -71,21 +262,49 @@ def save_folder(model, processor, output: str | Path) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mlmamba-convert", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--random", action="store_true", help="random weights for a named configuration (--preset)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--random", action="store_true", help="random weights for a named configuration (--preset)")
+    source.add_argument("--checkpoint", help="ML-Mamba's latest-checkpoint.pt (or a folder of its tensors)")
+    source.add_argument("--text-model", help="a Mamba-2 LM folder or Hub id (state-spaces or transformers format)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (--random, --text-model)")
+    parser.add_argument("--vision", action="append", default=[], help="vision encoder folder or Hub id, in order (DINOv2 first, as released)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (GPT-NeoX-20B style, e.g. xiuyul/mamba-2.8b-zephyr)")
     parser.add_argument("--output", required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 for -tiny, bfloat16 otherwise")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep the checkpoint's; random: float32 for -tiny, else bfloat16)")
+    parser.add_argument("--image-size", type=int, default=384, help="image size of the converted model (--checkpoint; 384 as released)")
+    parser.add_argument("--ngroups", type=int, default=1, help="Mamba-2 ngroups of the checkpoint (shapes cannot tell; released models use 1)")
     args = parser.parse_args(argv)
-    if not args.random:
-        parser.error("only --random is available yet: converting released checkpoints is a later addition")
-    if not args.preset:
-        parser.error("--random needs --preset")
-    dtype = DTYPES[args.dtype or ("float32" if args.preset.endswith("-tiny") else "bfloat16")]
-    model, processor = random_model(args.preset, seed=args.seed, dtype=dtype)
-    out = save_folder(model, processor, args.output)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    output = Path(args.output)
+
+    if args.random:
+        if not args.preset:
+            parser.error("--random needs --preset")
+        dtype = dtype or DTYPES["float32" if args.preset.endswith("-tiny") else "bfloat16"]
+        model, processor = random_model(args.preset, seed=args.seed, dtype=dtype)
+        save_folder(model, processor, output)
+        write_model_card(output, f"{args.preset} (random weights)", [], ["random weights, for tests and pipelines; not a trained model"])
+    else:
+        if not args.tokenizer:
+            parser.error("--tokenizer is required to convert weights")
+        if args.checkpoint:
+            if len(args.vision) == 0:
+                parser.error("--checkpoint needs the vision encoders: --vision DINO --vision SIGLIP (in this order)")
+            model, processor, notes = convert_release(
+                args.checkpoint, args.vision, args.tokenizer, dtype, args.ngroups, args.image_size
+            )
+            title, bases, license = "ML-Mamba 3B", ["huangwenjun1994/ML-Mamba", *args.vision], "mit"
+        else:
+            if not args.preset:
+                parser.error("--text-model needs --preset for the parts it does not provide")
+            model, processor, notes = convert_text_model(args.text_model, args.preset, args.vision, args.tokenizer, dtype, args.seed)
+            title, bases = f"ML-Mamba on {args.text_model} (connector untrained)", [args.text_model, *args.vision]
+            license = "apache-2.0"  # the state-spaces Mamba-2 language models
+        save_folder(model, processor, output)
+        write_model_card(output, title, bases, notes, license)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.preset} ({n_params / 1e6:.1f}M parameters, {dtype}) to {out}")
+    print(f"wrote {n_params / 1e6:.1f}M parameters ({model.dtype}) to {output}")
 
 
 if __name__ == "__main__":
