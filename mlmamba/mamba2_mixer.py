@@ -73,17 +73,6 @@ class RMSNorm(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def _segsum(x: torch.Tensor) -> torch.Tensor:
-    """x: (..., t) -> (..., t, t) with out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i, -inf above."""
-    t = x.shape[-1]
-    x = x[..., None].expand(*x.shape, t)
-    below = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=-1)
-    x = x.masked_fill(~below, 0)
-    out = torch.cumsum(x, dim=-2)
-    keep = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=0)
-    return out.masked_fill(~keep, -torch.inf)
-
-
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -107,55 +96,59 @@ def ssd_chunk_scan(
 
     Returns:
         y: (b, l, h, p) in x's dtype and final_state: (b, h, p, n) in fp32.
+
+    Inside, heads are split as (g, j) with j = h // g, and every product is a batched matmul over
+    (b, c, g[, j]) with time and features as the matrix dimensions.
     """
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
-    hg = h // g
+    j = h // g
     dtype = x.dtype
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
     pad = (-l) % chunk_size
+    c = (l + pad) // chunk_size
     if pad:
         # Zero steps and zero inputs leave the state as it is, so padding does not change it.
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    c = (l + pad) // chunk_size
-    x = x.view(b, c, chunk_size, g, hg, p)
-    dt = dt.view(b, c, chunk_size, g, hg)
-    B = B.view(b, c, chunk_size, g, n)
-    C = C.view(b, c, chunk_size, g, n)
+    x = x.float().view(b, c, chunk_size, g, j, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, j, s, p)
+    dt = dt.float().view(b, c, chunk_size, g, j).permute(0, 1, 3, 4, 2)  # (b, c, g, j, s)
+    B = B.float().view(b, c, chunk_size, g, n).transpose(2, 3)  # (b, c, g, s, n)
+    C = C.float().view(b, c, chunk_size, g, n).transpose(2, 3)  # (b, c, g, t, n)
 
-    dA = dt * A.float().view(g, hg)  # (b, c, s, g, hg)
-    dA_cumsum = torch.cumsum(dA, dim=2)  # (b, c, s, g, hg)
-    xdt = x * dt[..., None]  # (b, c, s, g, hg, p)
+    dA_cumsum = torch.cumsum(dt * A.float().view(g, j, 1), dim=-1)  # (b, c, g, j, s)
+    xdt = x * dt[..., None]  # (b, c, g, j, s, p)
 
-    # 1. Within each chunk: y[t] += sum_{s<=t} (C_t . B_s) exp(dA_cumsum[t] - dA_cumsum[s]) xdt[s]
-    decay = torch.exp(_segsum(dA.permute(0, 1, 3, 4, 2)))  # (b, c, g, hg, t, s)
-    CB = torch.einsum("bctgn,bcsgn->bcgts", C, B)  # (b, c, g, t, s)
-    y = torch.einsum("bcgjts,bcsgjp->bctgjp", CB[:, :, :, None] * decay, xdt)
+    # 1. Within each chunk: y[t] = sum_{s<=t} (C_t . B_s) exp(dA_cumsum[t] - dA_cumsum[s]) xdt[s]
+    #    (differences of the cumulative sum, as mamba_ssm's kernels compute them)
+    #    Exponents below -60 are raised to -60: exp(-60) ~ 1e-26 is nothing next to fp32 rounding, and
+    #    it keeps exp() off denormal numbers, which made it ten times slower on CPUs.
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    M = (dA_cumsum[..., :, None] - dA_cumsum[..., None, :]).clamp_(min=-60.0)
+    M = M.masked_fill_(~causal, -torch.inf).exp_()  # (b, c, g, j, t, s)
+    M.mul_((C @ B.transpose(-1, -2))[:, :, :, None])  # C_t . B_s, shared by the heads of a group
+    y = M @ xdt  # (b, c, g, j, t, p)
+    del M
 
-    # 2. The state each chunk contributes at its end: sum_s exp(dA_cumsum[end] - dA_cumsum[s]) B_s xdt_s
-    decay_to_end = torch.exp(dA_cumsum[:, :, -1:] - dA_cumsum)  # (b, c, s, g, hg)
-    chunk_states = torch.einsum("bcsgn,bcsgjp->bcgjpn", B, xdt * decay_to_end[..., None])
+    # 2. The state each chunk adds by its end: sum_s exp(dA_cumsum[end] - dA_cumsum[s]) xdt_s B_s^T
+    decay_to_end = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)  # (b, c, g, j, s)
+    chunk_states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B[:, :, :, None]  # (b, c, g, j, p, n)
 
-    # 3. Carry the state across chunks (c is small: l / chunk_size steps).
+    # 3. Carry the state across chunks (c = l / chunk_size steps).
     state = (
-        initial_state.float().view(b, g, hg, p, n)
-        if initial_state is not None
-        else x.new_zeros(b, g, hg, p, n)
+        initial_state.float().view(b, g, j, p, n) if initial_state is not None else x.new_zeros(b, g, j, p, n)
     )
-    chunk_decay = torch.exp(dA_cumsum[:, :, -1])  # (b, c, g, hg)
+    chunk_decay = torch.exp(dA_cumsum[..., -1])  # (b, c, g, j)
     states_before = []
     for i in range(c):
         states_before.append(state)
         state = state * chunk_decay[:, i, :, :, None, None] + chunk_states[:, i]
-    states_before = torch.stack(states_before, dim=1)  # (b, c, g, hg, p, n)
+    states_before = torch.stack(states_before, dim=1)  # (b, c, g, j, p, n)
 
-    # 4. Contribution of the state entering each chunk: y[t] += exp(dA_cumsum[t]) C_t . state
-    y = y + torch.einsum("bctgn,bcgjpn->bctgjp", C, states_before) * torch.exp(dA_cumsum)[..., None]
-
-    y = y.reshape(b, c * chunk_size, h, p)[:, :l]
+    # 4. What the state entering each chunk contributes: y[t] += exp(dA_cumsum[t]) C_t . state
+    y += (C[:, :, :, None] @ states_before.transpose(-1, -2)) * torch.exp(dA_cumsum)[..., None]
     if D is not None:
-        y = y + x.reshape(b, c * chunk_size, h, p)[:, :l] * D.float()[:, None]
+        y += x * D.float().view(g, j, 1, 1)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * chunk_size, h, p)[:, :l]
     return y.to(dtype), state.view(b, h, p, n)
 
 
