@@ -324,7 +324,8 @@ def load_vision_encoder(source: str, image_size: int, dtype=None) -> tuple[dict,
     if stray:
         raise CheckpointError(f"{source}: tensors that belong to no known part: {stray}")
     vision_config = model.config.to_dict()
-    state = model.state_dict()
+    # transformers 4 nests SigLIP/CLIP weights under `vision_model.`; the model keeps the inner module
+    state = getattr(model, "vision_model", model).state_dict()
     if kind == "dinov2_with_registers":
         grid = image_size // vision_config["patch_size"]
         state["embeddings.position_embeddings"] = resize_position_grid(state["embeddings.position_embeddings"], 1, grid)
@@ -333,7 +334,7 @@ def load_vision_encoder(source: str, image_size: int, dtype=None) -> tuple[dict,
     vision_config["image_size"] = image_size
     if kind.startswith("siglip"):
         vision_config["vision_use_head"] = False
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "vision_model.head."))}
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
     for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
         vision_config.pop(key, None)
     return vision_config, state, dropped

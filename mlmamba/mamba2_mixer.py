@@ -122,12 +122,16 @@ def ssd_chunk_scan(
     #    (differences of the cumulative sum, as mamba_ssm's kernels compute them)
     #    Exponents below -60 are raised to -60: exp(-60) ~ 1e-26 is nothing next to fp32 rounding, and
     #    it keeps exp() off denormal numbers, which made it ten times slower on CPUs.
+    #    In place only without autograd (inference), where the (t, s) matrices dominate memory traffic.
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
-    M = (dA_cumsum[..., :, None] - dA_cumsum[..., None, :]).clamp_(min=-60.0)
-    M = M.masked_fill_(~causal, -torch.inf).exp_()  # (b, c, g, j, t, s)
-    M.mul_((C @ B.transpose(-1, -2))[:, :, :, None])  # C_t . B_s, shared by the heads of a group
+    CB = (C @ B.transpose(-1, -2))[:, :, :, None]  # C_t . B_s, shared by the heads of a group
+    M = dA_cumsum[..., :, None] - dA_cumsum[..., None, :]  # (b, c, g, j, t, s)
+    if torch.is_grad_enabled():
+        M = torch.exp(M.clamp(min=-60.0).masked_fill(~causal, -torch.inf)) * CB
+    else:
+        M = M.clamp_(min=-60.0).masked_fill_(~causal, -torch.inf).exp_().mul_(CB)
     y = M @ xdt  # (b, c, g, j, t, p)
-    del M
+    del M, CB
 
     # 2. The state each chunk adds by its end: sum_s exp(dA_cumsum[end] - dA_cumsum[s]) xdt_s B_s^T
     decay_to_end = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)  # (b, c, g, j, s)
@@ -145,9 +149,9 @@ def ssd_chunk_scan(
     states_before = torch.stack(states_before, dim=1)  # (b, c, g, j, p, n)
 
     # 4. What the state entering each chunk contributes: y[t] += exp(dA_cumsum[t]) C_t . state
-    y += (C[:, :, :, None] @ states_before.transpose(-1, -2)) * torch.exp(dA_cumsum)[..., None]
+    y = y + (C[:, :, :, None] @ states_before.transpose(-1, -2)) * torch.exp(dA_cumsum)[..., None]
     if D is not None:
-        y += x * D.float().view(g, j, 1, 1)
+        y = y + x * D.float().view(g, j, 1, 1)
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * chunk_size, h, p)[:, :l]
     return y.to(dtype), state.view(b, h, p, n)
 
@@ -187,11 +191,21 @@ def ssd_step(
 
 
 def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
-    """Reference recurrence, one token at a time (tests only). Same arguments as `ssd_chunk_scan`."""
+    """Reference recurrence, one token at a time, differentiable (tests only). Arguments as `ssd_chunk_scan`."""
     b, l, h, p = x.shape
     n = B.shape[-1]
-    state = initial_state.float().clone() if initial_state is not None else x.new_zeros(b, h, p, n, dtype=torch.float32)
-    ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(l)]
+    hg = h // B.shape[2]
+    state = initial_state.float() if initial_state is not None else x.new_zeros(b, h, p, n, dtype=torch.float32)
+    ys = []
+    for t in range(l):
+        dt_t = dt[:, t].float()  # (b, h)
+        B_t = B[:, t].float().repeat_interleave(hg, dim=1)  # (b, h, n)
+        C_t = C[:, t].float().repeat_interleave(hg, dim=1)
+        state = state * torch.exp(dt_t * A.float())[..., None, None] + (dt_t[..., None] * x[:, t].float())[..., None] * B_t[:, :, None]
+        y = (state * C_t[:, :, None]).sum(-1)
+        if D is not None:
+            y = y + x[:, t].float() * D.float()[:, None]
+        ys.append(y.to(x.dtype))
     return torch.stack(ys, dim=1), state
 
 

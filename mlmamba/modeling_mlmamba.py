@@ -150,7 +150,10 @@ class MLMambaVisionTower(nn.Module):
 
     def __init__(self, config: MLMambaVisionConfig):
         super().__init__()
-        self.encoders = nn.ModuleList([AutoModel.from_config(c) for c in config.encoder_configs()])
+        # transformers 4 wraps SigLIP's and CLIP's encoder in `.vision_model`; transformers 5 does not.
+        # Taking the inner module gives the same weight names (and checkpoints) under both.
+        encoders = [AutoModel.from_config(c) for c in config.encoder_configs()]
+        self.encoders = nn.ModuleList([getattr(e, "vision_model", e) for e in encoders])
         self.feature_layer = config.feature_layer
         self.num_patches = config.num_image_tokens
         self.image_size = config.image_size

@@ -13,8 +13,7 @@ from mlmamba.presets import get_preset
 def test_mlmamba_3b_has_the_released_shapes():
     with torch.device("meta"):
         model = MLMambaForConditionalGeneration(get_preset("mlmamba-3b"))
-    # transformers 4 nests SiglipVisionModel's weights under `vision_model.`; 5 does not
-    shapes = {n.replace(".vision_model.", "."): tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     expected = {
         # language model, mamba_ssm names under model.language_model
         "model.language_model.embedding.weight": (50288, 2560),
