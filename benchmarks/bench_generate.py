@@ -1,0 +1,185 @@
+"""Side-by-side generation benchmark: prefill time, decode tokens/s and peak memory in ONE run.
+
+    python benchmarks/bench_generate.py                       # CPU: mamba2-130m size, prompts 829 and 2048
+    python benchmarks/bench_generate.py --size 2.7b --device cuda --prompts 1024 8192 32768 --batch 1 8
+
+Implementations, all with the same random weights where they share an architecture:
+  ours        MLMambaForConditionalGeneration (text-only prompt), state cache, torch or kernels path
+  hf-mamba2   transformers' Mamba2ForCausalLM holding the same language-model weights
+  phi         a transformer of the same width and depth class (PhiForCausalLM, sdpa), its KV cache
+
+Prefill = generate() of one token; decode tokens/s = new tokens / (time of generating 1 + new
+tokens - time of generating 1). Each measurement runs in its own subprocess so that peak memory (max RSS on CPU,
+max_memory_allocated on CUDA) belongs to that measurement alone. The run also measures the
+machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth (the output layer),
+and prints each figure's ratio to the limit it is bound by:
+  prefill limit = model FLOPs / matmul FLOP/s        decode limit = bytes of weights / bandwidth
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+SIZES = {
+    # d_model, layers, d_state, headdim, vocab   (mamba2-130m / mamba2-2.7b)
+    "130m": dict(d_model=768, n_layer=24, d_state=128, headdim=64, vocab_size=50288),
+    "2.7b": dict(d_model=2560, n_layer=64, d_state=128, headdim=64, vocab_size=50288),
+}
+PHI = {  # transformers of comparable size: hidden, layers, heads, intermediate
+    "130m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240),
+}
+
+
+def build(impl: str, size: str, device: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    from mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
+    from mlmamba.presets import PRESETS
+
+    text = dict(SIZES[size], chunk_size=256)
+    tiny = PRESETS["mlmamba-tiny"]()
+    config = MLMambaConfig(vision_config=tiny["vision_config"], connector_config=tiny["connector_config"], text_config=text, image_token_id=50277)
+    if impl in ("ours", "hf-mamba2"):
+        ours = MLMambaForConditionalGeneration(config).to(device, dtype).eval()
+        if impl == "ours":
+            return ours
+        from transformers import Mamba2Config, Mamba2ForCausalLM
+
+        d_inner = 2 * text["d_model"]
+        hf = Mamba2ForCausalLM(Mamba2Config(
+            num_heads=d_inner // text["headdim"], head_dim=text["headdim"], vocab_size=text["vocab_size"],
+            hidden_size=text["d_model"], state_size=text["d_state"], num_hidden_layers=text["n_layer"], n_groups=1,
+            expand=2, chunk_size=256, tie_word_embeddings=True,
+        ))
+        sd = {"backbone." + k.replace("embedding.", "embeddings."): v for k, v in ours.model.language_model.state_dict().items()}
+        hf.load_state_dict(sd, strict=False)
+        hf.tie_weights()
+        return hf.to(device, dtype).eval()
+    from transformers import PhiConfig, PhiForCausalLM
+
+    phi = PhiForCausalLM(PhiConfig(vocab_size=text["vocab_size"], attn_implementation="sdpa", **PHI[size]))
+    return phi.to(device, dtype).eval()
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
+    dtype = getattr(torch, dtype_name)
+    model = build(impl, size, device, dtype)
+    # The language model only: a decoding step reads every weight once, except an input embedding
+    # that is not also the output layer (one row of it is read).
+    lm = [(n, p) for n, p in model.named_parameters() if "vision_tower" not in n and "connector" not in n]
+    n_params = sum(p.numel() for _, p in lm)
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    weight_bytes = sum(p.numel() * p.element_size() for _, p in lm if tied or p is not embedding)
+    ids = torch.randint(0, 50000, (batch, prompt), device=device)
+    def generate(n):
+        sync(device)
+        t = time.perf_counter()
+        model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        sync(device)
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        model.generate(input_ids=ids[:, :64], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        prefill = generate(1)  # the prompt and the first token
+        decode_s = generate(new_tokens + 1) - prefill  # the same prefill plus new_tokens decoding steps
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return dict(impl=impl, prompt=prompt, batch=batch, prefill_ms=prefill * 1e3, decode_tps=batch * new_tokens / decode_s,
+                peak_gib=peak, n_params=n_params, weight_bytes=weight_bytes)
+
+
+def machine_limits(device, dtype):
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync(device)
+    flops = 10 * 2 * 2048**3 / (time.perf_counter() - t)
+    w = torch.randn(50288, 768 if device == "cpu" else 2560, device=device, dtype=dtype)
+    v = torch.randn(w.shape[1], device=device, dtype=dtype)
+    for _ in range(3):
+        w @ v
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        w @ v
+    sync(device)
+    bandwidth = 20 * w.numel() * w.element_size() / (time.perf_counter() - t)
+    return flops, bandwidth
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[829, 2048])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--impls", nargs="+", default=["ours", "hf-mamba2", "phi"])
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    args = parser.parse_args()
+    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.one:
+        impl, prompt, batch = args.one.split(",")
+        print(json.dumps(measure(impl, args.size, args.device, dtype_name, int(prompt), int(batch), args.new_tokens)))
+        return
+
+    flops, bandwidth = machine_limits(args.device, getattr(torch, dtype_name))
+    print(f"machine: {args.device}, {dtype_name}; matmul {flops / 1e9:.0f} GFLOP/s; matrix-vector {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    for prompt in args.prompts:
+        for batch in args.batch:
+            for impl in args.impls:
+                cmd = [sys.executable, __file__, "--one", f"{impl},{prompt},{batch}", "--size", args.size, "--device",
+                       args.device, "--dtype", dtype_name, "--new-tokens", str(args.new_tokens)]
+                run = subprocess.run(cmd, capture_output=True, text=True)
+                if run.returncode:
+                    tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
+                    rows.append(dict(impl=impl, prompt=prompt, batch=batch, error=tail[:80]))
+                else:
+                    rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+                print(_fmt(rows[-1], flops, bandwidth), flush=True)
+    print("\nratios (ours / other; > 1 means ours is better):")
+    for prompt in args.prompts:
+        for batch in args.batch:
+            by = {r["impl"]: r for r in rows if r["prompt"] == prompt and r["batch"] == batch and "error" not in r}
+            if "ours" not in by:
+                continue
+            for other in (i for i in by if i != "ours"):
+                o, x = by["ours"], by[other]
+                print(f"  prompt {prompt:>6} batch {batch}: vs {other:<9} prefill x{x['prefill_ms'] / o['prefill_ms']:.2f}"
+                      f"  decode x{o['decode_tps'] / x['decode_tps']:.2f}  peak memory x{x['peak_gib'] / o['peak_gib']:.2f}")
+
+
+def _fmt(r, flops, bandwidth):
+    if "error" in r:
+        return f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: {r['error']}"
+    prefill_limit = 2 * r["n_params"] * r["prompt"] * r["batch"] / flops * 1e3
+    decode_limit = bandwidth / r["weight_bytes"] * r["batch"]
+    return (f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: prefill {r['prefill_ms']:8.0f} ms "
+            f"(limit {prefill_limit:6.0f} ms, {prefill_limit / r['prefill_ms']:4.0%})  decode {r['decode_tps']:7.1f} tok/s "
+            f"(limit {decode_limit:6.1f}, {r['decode_tps'] / decode_limit:4.0%})  peak {r['peak_gib']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
