@@ -475,6 +475,18 @@ class MLMambaModel(MLMambaPreTrainedModel):
         return inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
 
 
+# Arguments generic callers (generate, Trainer) pass that have no meaning for a state-space model.
+IGNORED_KWARGS = {"position_ids", "cache_position", "token_type_ids", "num_items_in_batch", "output_attentions", "is_first_iteration"}
+
+
+def _check_extra_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"MLMambaForConditionalGeneration.forward() got unexpected arguments {unknown}")
+    if kwargs.get("output_attentions"):
+        raise ValueError("Mamba layers compute no attention weights; output_attentions=True is not supported")
+
+
 def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100):
     """Mean next-token cross-entropy (fp32) over labels != ignore_index; logits[:, t] predicts labels[:, t + 1].
 
@@ -559,6 +571,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             cache_params / use_cache: the state cache for decoding (see MLMambaCache).
             logits_to_keep: if > 0, only the logits of the last `logits_to_keep` positions are computed.
         """
+        _check_extra_kwargs(kwargs)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -226,3 +226,12 @@ def test_unknown_config_values_are_refused():
         MLMambaConfig(**{**base, "text_config": {**base["text_config"], "headdim": 48}})
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("mlmamba-7b")
+
+
+def test_unknown_forward_arguments_are_refused(tiny):
+    model, processor = tiny
+    inputs = processor(text="hello")
+    with pytest.raises(TypeError, match=r"unexpected arguments \['pixel_value'\]"):
+        model(**inputs, pixel_value=torch.zeros(1))
+    with pytest.raises(ValueError, match="no attention weights"):
+        model(**inputs, output_attentions=True)
