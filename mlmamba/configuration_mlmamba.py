@@ -17,6 +17,42 @@ SUPPORTED_VISION_ENCODERS = ("siglip_vision_model", "dinov2_with_registers", "cl
 CONNECTOR_TYPES = ("msc", "mlp")
 MSC_SCANS = ("bidirectional",)
 
+# The released ML-Mamba's vision encoders (the defaults of MLMambaVisionConfig).
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+
+# Vision encoders as released (transformers config fields), resized to 384 px (27 x 27 patches).
+DINOV2_L14_REG4_384 = dict(
+    model_type="dinov2_with_registers",
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    mlp_ratio=4,
+    patch_size=14,
+    image_size=384,
+    num_register_tokens=4,
+    layerscale_value=1.0,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu",
+    qkv_bias=True,
+    use_swiglu_ffn=False,
+)
+SIGLIP_SO400M_14_384 = dict(
+    model_type="siglip_vision_model",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=384,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu_pytorch_tanh",
+    vision_use_head=False,  # the attention-pool head is not used by ML-Mamba
+)
+
+
 
 def _one_of(name: str, value, allowed) -> None:
     if value not in allowed:
@@ -51,7 +87,7 @@ class MLMambaTextConfig(PretrainedConfig):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         A_init_range=(1, 16),
-        dt_limit=(0.0, float("inf")),
+        dt_limit=None,
         initializer_range: float = 0.02,
         rescale_prenorm_residual: bool = True,
         tie_word_embeddings: bool = True,
@@ -74,7 +110,8 @@ class MLMambaTextConfig(PretrainedConfig):
         self.dt_max = dt_max
         self.dt_init_floor = dt_init_floor
         self.A_init_range = list(A_init_range)
-        self.dt_limit = list(dt_limit)
+        # None = no clamp, mamba_ssm's (0, inf); stored so because JSON has no infinity
+        self.dt_limit = list(dt_limit) if dt_limit is not None and tuple(dt_limit) != (0.0, float("inf")) else None
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -101,7 +138,7 @@ class MLMambaTextConfig(PretrainedConfig):
             dt_max=self.dt_max,
             dt_init_floor=self.dt_init_floor,
             A_init_range=tuple(self.A_init_range),
-            dt_limit=tuple(self.dt_limit),
+            dt_limit=tuple(self.dt_limit) if self.dt_limit is not None else (0.0, float("inf")),
         )
 
 
@@ -119,6 +156,10 @@ class MLMambaVisionConfig(PretrainedConfig):
     model_type = "mlmamba_vision"
 
     def __init__(self, encoders=None, feature_layer: int = -2, image_mean=None, image_std=None, **kwargs):
+        if encoders is None:  # as released: DINOv2-L/14 with registers + SigLIP-SO400M/14, at 384 px
+            encoders = [DINOV2_L14_REG4_384, SIGLIP_SO400M_14_384]
+            image_mean = image_mean or [IMAGENET_MEAN, SIGLIP_MEAN]
+            image_std = image_std or [IMAGENET_STD, SIGLIP_STD]
         if not encoders:
             raise ValueError("MLMambaVisionConfig needs `encoders`: a list of one or two vision config dicts")
         self.encoders = [e.to_dict() if isinstance(e, PretrainedConfig) else dict(e) for e in encoders]
@@ -141,8 +182,11 @@ class MLMambaVisionConfig(PretrainedConfig):
             )
         for c in configs:
             n = c.num_hidden_layers
-            if not -(n + 1) <= feature_layer <= n:
-                raise ValueError(f"feature_layer={feature_layer} is outside the {n + 1} hidden states of {c.model_type}")
+            if not -(n + 1) <= feature_layer <= n or feature_layer % (n + 1) == 0:
+                raise ValueError(
+                    f"feature_layer={feature_layer} does not select a layer output among the {n + 1} hidden states "
+                    f"of {c.model_type} (index 0 / -{n + 1} are the embeddings)"
+                )
 
     def encoder_configs(self) -> list[PretrainedConfig]:
         return [AutoConfig.for_model(**enc) for enc in self.encoders]
@@ -236,7 +280,8 @@ class MLMambaConnectorConfig(PretrainedConfig):
 
 
 class MLMambaConfig(PretrainedConfig):
-    """ML-Mamba: vision encoder(s) -> connector -> Mamba-2 language model.
+    """ML-Mamba: vision encoder(s) -> connector -> Mamba-2 language model. The defaults are the released
+    ML-Mamba ("mlmamba+3b"): DINOv2 + SigLIP at 384 px, the MSC connector, Mamba-2 2.7B.
 
     Args:
         vision_config, connector_config, text_config: dicts or config objects (see the classes above).
@@ -277,9 +322,7 @@ class MLMambaConfig(PretrainedConfig):
     @staticmethod
     def _sub(cls, value, name):
         if value is None:
-            if cls is MLMambaVisionConfig:
-                raise ValueError("MLMambaConfig needs a vision_config (see mlmamba.presets for complete ones)")
-            return cls()
+            return cls()  # the released ML-Mamba's part
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):

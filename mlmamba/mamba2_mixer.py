@@ -23,16 +23,19 @@ Two scan algorithms, equal up to float rounding:
     Per chunk it builds (chunk x chunk) mixing matrices, never (sequence x sequence), and it
     never repeats B or C over heads, so memory is O(l * h * chunk) + O(l / chunk * h * p * n).
   * `ssd_step`: the recurrence for one new token (decoding), O(h * p * n).
-On CUDA, mamba_ssm's Triton kernels are used where importable (see `kernels.py`).
+On CUDA, mamba_ssm's Triton kernels are used where importable (see `get_mamba2_kernels`).
 """
 
 import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import get_mamba2_kernels
 
 
 class RMSNormGated(nn.Module):
@@ -233,6 +236,74 @@ def _check_contiguous(mask: torch.Tensor) -> None:
             "attention_mask must mark one contiguous block of tokens per row (left or right padding); "
             "got a row with a gap inside it. Pack or split such sequences before calling the model."
         )
+
+
+# --------------------------------------------------------------------------------------
+# Optional GPU kernels (mamba_ssm's Triton SSD kernels, causal_conv1d's CUDA conv update).
+# Neither package is required: `get_mamba2_kernels` returns None unless the tensor is on CUDA
+# and mamba_ssm's Triton functions import, and the mixer then uses the torch path above.
+# MLMAMBA_DISABLE_KERNELS=1 forces the torch path everywhere (for comparisons).
+# They live in this file because transformers 4.x copies only the modules that the model
+# file imports directly into a remote-code folder's module cache.
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mamba2Kernels:
+    chunk_scan: Callable
+    state_update: Callable
+    conv_update: Callable | None
+
+
+@lru_cache(maxsize=None)
+def _load_mamba2_kernels() -> Mamba2Kernels | None:
+    try:
+        # Import the Triton modules directly: `import mamba_ssm` also imports the Mamba-1 CUDA
+        # extension, which a kernels-only install may lack.
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_update
+    except Exception:
+        causal_conv1d_update = None
+
+    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+        y, final_state = mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True
+        )
+        return y, final_state.float()
+
+    def state_update(state, x, dt_raw, A, B, C, D, dt_bias):
+        h, p = x.shape[1:]
+        n = state.shape[-1]
+        return selective_state_update(
+            state,
+            x,
+            dt_raw[:, :, None].expand(-1, h, p),
+            A[:, None, None].expand(h, p, n).to(torch.float32),
+            B,
+            C,
+            D=D[:, None].expand(h, p),
+            z=None,
+            dt_bias=dt_bias[:, None].expand(h, p),
+            dt_softplus=True,
+        )
+
+    conv_update = None
+    if causal_conv1d_update is not None:
+
+        def conv_update(xBC, conv_state, weight, bias):
+            return causal_conv1d_update(xBC, conv_state, weight, bias, "silu")
+
+    return Mamba2Kernels(chunk_scan=chunk_scan, state_update=state_update, conv_update=conv_update)
+
+
+def get_mamba2_kernels(like: torch.Tensor) -> Mamba2Kernels | None:
+    """The kernels for a tensor on CUDA when importable and not disabled; None otherwise."""
+    if not like.is_cuda or os.environ.get("MLMAMBA_DISABLE_KERNELS", "0") == "1":
+        return None
+    return _load_mamba2_kernels()
 
 
 class Mamba2Mixer(nn.Module):

@@ -146,6 +146,10 @@ class MLMambaVisionTower(nn.Module):
     """Runs each encoder on its own 3 channels of `pixel_values` and concatenates the patch features.
 
     pixel_values: (n, 3 * n_encoders, image_size, image_size) -> (n, num_image_tokens, sum of hidden sizes)
+
+    The features are the output of one encoder layer (`feature_layer` indexes the hidden states,
+    embeddings first, as `output_hidden_states` would), read with a forward hook: transformers 4
+    and 5 return hidden states from different module levels, a hook on the layer works in both.
     """
 
     def __init__(self, config: MLMambaVisionConfig):
@@ -158,6 +162,10 @@ class MLMambaVisionTower(nn.Module):
         self.num_patches = config.num_image_tokens
         self.image_size = config.image_size
 
+    def _feature_layer(self, encoder: nn.Module) -> nn.Module:
+        layers = encoder.encoder.layers if hasattr(encoder.encoder, "layers") else encoder.encoder.layer
+        return layers[self.feature_layer % (len(layers) + 1) - 1]  # hidden_states[k] = output of layer k - 1
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3 * len(self.encoders), self.image_size, self.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -168,12 +176,19 @@ class MLMambaVisionTower(nn.Module):
             )
         features = []
         for i, encoder in enumerate(self.encoders):
+            captured = []
+            hook = self._feature_layer(encoder).register_forward_hook(
+                lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
+            )
             trainable = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
             dtype = next(encoder.parameters()).dtype
-            with torch.set_grad_enabled(trainable):
-                out = encoder(pixel_values=pixel_values[:, 3 * i : 3 * i + 3].to(dtype), output_hidden_states=True)
+            try:
+                with torch.set_grad_enabled(trainable):
+                    encoder(pixel_values=pixel_values[:, 3 * i : 3 * i + 3].to(dtype))
+            finally:
+                hook.remove()
             # Prefix tokens (CLS, registers) come first; keep the patch grid.
-            features.append(out.hidden_states[self.feature_layer][:, -self.num_patches :])
+            features.append(captured[-1][:, -self.num_patches :])
         return torch.cat(features, dim=-1)
 
 

@@ -5,40 +5,14 @@ mlmamba-3b    the released ML-Mamba ("mlmamba+3b"): DINOv2-L/14-reg4 + SigLIP-SO
 mlmamba-tiny  the same architecture at a few MB, for tests and downstream CI.
 """
 
-from .configuration_mlmamba import MLMambaConfig
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-SIGLIP_MEAN = [0.5, 0.5, 0.5]
-SIGLIP_STD = [0.5, 0.5, 0.5]
-
-# Vision encoders as released (transformers config fields), resized to 384 px (27 x 27 patches).
-DINOV2_L14_REG4_384 = dict(
-    model_type="dinov2_with_registers",
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    mlp_ratio=4,
-    patch_size=14,
-    image_size=384,
-    num_register_tokens=4,
-    layerscale_value=1.0,
-    layer_norm_eps=1e-6,
-    hidden_act="gelu",
-    qkv_bias=True,
-    use_swiglu_ffn=False,
-)
-SIGLIP_SO400M_14_384 = dict(
-    model_type="siglip_vision_model",
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=384,
-    layer_norm_eps=1e-6,
-    hidden_act="gelu_pytorch_tanh",
-    vision_use_head=False,  # the attention-pool head is not used by ML-Mamba
+from .configuration_mlmamba import (
+    DINOV2_L14_REG4_384,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SIGLIP_MEAN,
+    SIGLIP_SO400M_14_384,
+    SIGLIP_STD,
+    MLMambaConfig,
 )
 
 MAMBA2_2_7B = dict(

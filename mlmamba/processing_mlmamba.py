@@ -148,6 +148,7 @@ class MLMambaProcessor(ProcessorMixin):
         max_length = kwargs.pop("max_length", None)
         pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
         kwargs.setdefault("add_special_tokens", False)
+        kwargs.setdefault("return_token_type_ids", False)  # the model has none (transformers 4 adds them)
         encoded = self.tokenizer(texts, **kwargs)
         rows = self._expand_image_tokens({k: list(v) for k, v in encoded.items()})
         rows = self._pad(rows, padding, max_length, pad_to_multiple_of, ragged_ok=return_tensors is None)

@@ -218,7 +218,7 @@ def test_unknown_config_values_are_refused():
     vision["encoders"][1]["image_size"] = 56
     with pytest.raises(ValueError, match="must share image_size and patch_size"):
         MLMambaConfig(**{**base, "vision_config": vision})
-    with pytest.raises(ValueError, match="feature_layer=9 is outside"):
+    with pytest.raises(ValueError, match="feature_layer=9 does not select a layer output"):
         MLMambaConfig(**{**base, "vision_config": {**base["vision_config"], "feature_layer": 9}})
     with pytest.raises(ValueError, match="image_token_id=9999 must index the embedding"):
         MLMambaConfig(**{**base, "image_token_id": 9999})
