@@ -13,6 +13,8 @@ import torch
 from conftest import chat_inputs, make_image
 
 PYTHON4 = os.environ.get("MLMAMBA_TRANSFORMERS4_PYTHON")
+if PYTHON4:
+    PYTHON4 = os.path.abspath(PYTHON4)  # relative to where pytest starts; the test runs elsewhere
 
 _SCRIPT = textwrap.dedent(
     """
