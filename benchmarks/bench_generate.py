@@ -8,8 +8,9 @@ Implementations, all with the same random weights where they share an architectu
   hf-mamba2   transformers' Mamba2ForCausalLM holding the same language-model weights
   phi         a transformer of the same width and depth class (PhiForCausalLM, sdpa), its KV cache
 
-Prefill = generate() of one token; decode tokens/s = new tokens / (time of generating 1 + new
-tokens - time of generating 1). Each measurement runs in its own subprocess so that peak memory (max RSS on CPU,
+Prefill = time to the first generated token; decode tokens/s from the time stamps of the following
+tokens (a stopping criterion records them). The prefill limit counts 2 FLOPs per weight and token
+(embeddings and head excluded); the scan's and attention's own FLOPs are not counted. Each measurement runs in its own subprocess so that peak memory (max RSS on CPU,
 max_memory_allocated on CUDA) belongs to that measurement alone. The run also measures the
 machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth (the output layer),
 and prints each figure's ratio to the limit it is bound by:
@@ -76,24 +77,37 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     # The language model only: a decoding step reads every weight once, except an input embedding
     # that is not also the output layer (one row of it is read).
     lm = [(n, p) for n, p in model.named_parameters() if "vision_tower" not in n and "connector" not in n]
-    n_params = sum(p.numel() for _, p in lm)
     embedding = model.get_input_embeddings().weight
-    tied = embedding is model.get_output_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = embedding is head
     weight_bytes = sum(p.numel() * p.element_size() for _, p in lm if tied or p is not embedding)
+    # prefill FLOPs: every weight but the embeddings and the head (computed for the last token only)
+    n_params = sum(p.numel() for _, p in lm if p is not embedding and p is not head)
     ids = torch.randint(0, 50000, (batch, prompt), device=device)
-    def generate(n):
-        sync(device)
-        t = time.perf_counter()
-        model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-        sync(device)
-        return time.perf_counter() - t
+    from transformers import StoppingCriteria
+
+    class Clock(StoppingCriteria):
+        """Time stamps of every generated token (generate() asks after each one)."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            sync(device)
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     with torch.no_grad():
         model.generate(input_ids=ids[:, :64], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        prefill = generate(1)  # the prompt and the first token
-        decode_s = generate(new_tokens + 1) - prefill  # the same prefill plus new_tokens decoding steps
+        clock = Clock()
+        sync(device)
+        start = time.perf_counter()
+        model.generate(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
+                       pad_token_id=0, eos_token_id=None, stopping_criteria=[clock])
+        prefill = clock.times[0] - start  # the prompt and the first token
+        decode_s = clock.times[-1] - clock.times[0]  # new_tokens decoding steps
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
