@@ -12,7 +12,7 @@ ValueError that says what is accepted.
 
 from transformers import AutoConfig, PretrainedConfig
 
-# model_type of a transformers vision config -> number of prefix tokens (CLS, registers) before the patches
+# model_type of the transformers vision configs the vision tower can hold
 SUPPORTED_VISION_ENCODERS = ("siglip_vision_model", "dinov2_with_registers", "clip_vision_model")
 CONNECTOR_TYPES = ("msc", "mlp")
 MSC_SCANS = ("bidirectional",)
@@ -52,6 +52,21 @@ SIGLIP_SO400M_14_384 = dict(
     vision_use_head=False,  # the attention-pool head is not used by ML-Mamba
 )
 
+
+
+def _mixer_fields(config) -> dict:
+    """The Mamba2Mixer arguments that the text and connector configs share, by the mixer's names."""
+    return dict(
+        d_state=config.d_state,
+        d_conv=config.d_conv,
+        expand=config.expand,
+        headdim=config.headdim,
+        ngroups=config.ngroups,
+        chunk_size=config.chunk_size,
+        conv_bias=config.conv_bias,
+        bias=config.bias,
+        norm_eps=config.norm_epsilon,
+    )
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -125,15 +140,7 @@ class MLMambaTextConfig(PretrainedConfig):
     def mixer_kwargs(self) -> dict:
         """Keyword arguments for `Mamba2Mixer`."""
         return dict(
-            d_state=self.d_state,
-            d_conv=self.d_conv,
-            expand=self.expand,
-            headdim=self.headdim,
-            ngroups=self.ngroups,
-            chunk_size=self.chunk_size,
-            conv_bias=self.conv_bias,
-            bias=self.bias,
-            norm_eps=self.norm_epsilon,
+            _mixer_fields(self),
             dt_min=self.dt_min,
             dt_max=self.dt_max,
             dt_init_floor=self.dt_init_floor,
@@ -266,17 +273,7 @@ class MLMambaConnectorConfig(PretrainedConfig):
         _one_of("scan", scan, MSC_SCANS)
 
     def mixer_kwargs(self) -> dict:
-        return dict(
-            d_state=self.d_state,
-            d_conv=self.d_conv,
-            expand=self.expand,
-            headdim=self.headdim,
-            ngroups=self.ngroups,
-            chunk_size=self.chunk_size,
-            conv_bias=self.conv_bias,
-            bias=self.bias,
-            norm_eps=self.norm_epsilon,
-        )
+        return _mixer_fields(self)
 
 
 class MLMambaConfig(PretrainedConfig):
