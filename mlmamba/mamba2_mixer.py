@@ -9,11 +9,16 @@ checkpoints load by renaming prefixes only:
     norm      gated RMSNorm: rmsnorm(y * silu(z)) per group (norm_before_gate=False)
     out_proj  Linear(d_inner -> d_model)
 
-The bidirectional variant (ML-Mamba's MSC, released as "Bidirectional_Mamba") adds
-`conv1d_b`, `dt_bias_b`, `A_log_b`, `D_b` for a second scan over the reversed sequence and
-returns `out_proj((norm(y_fwd, z) + flip(norm(y_bwd, flip(z)))) / 2)`: in_proj, norm and out_proj
-are shared; each direction is gated and normalised before the average (as in the released fork's
-`Mamba2` with `bimamba_type="v2"`).
+Non-causal scans (`scan=`) run several "routes" over the same tokens (see `SCAN_ROUTES`):
+  * "bidirectional" (ML-Mamba's MSC, released as "Bidirectional_Mamba"; BSM in VL-Mamba) adds
+    `conv1d_b`, `dt_bias_b`, `A_log_b`, `D_b` for a second scan over the reversed sequence and
+    returns `out_proj((norm(y_fwd, z) + flip(norm(y_bwd, flip(z)))) / 2)`: in_proj, norm and
+    out_proj are shared; each direction is gated and normalised before the average (as in the
+    released fork's `Mamba2` with `bimamba_type="v2"`).
+  * "cross" (CSM in VL-Mamba, VMamba's SS2D routes) scans an h x w patch grid whose tokens arrive
+    row-major along four routes: rows forward, rows backward, columns forward, columns backward,
+    with parameters suffixed "", "_b", "_c", "_c_b". Same rule: each route's output is put back in
+    row-major order, gated and normalised, and the routes are averaged before out_proj.
 
 Shapes used throughout: b = batch, l = sequence, h = nheads, p = headdim, g = ngroups,
 n = d_state, c = number of chunks, s/t = positions inside a chunk.
@@ -247,6 +252,94 @@ def _check_contiguous(mask: torch.Tensor) -> None:
 # file imports directly into a remote-code folder's module cache.
 # --------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------
+# Scan routes of the non-causal mixers (shared with the Mamba-1 mixer).
+# Tokens arrive in row-major order of an h x w grid (or as a flat sequence, h = 1). A route is
+# the order in which one scan visits them; each route has its own conv, dt and SSM parameters,
+# named with the route's suffix.
+# --------------------------------------------------------------------------------------
+
+SCAN_ROUTES: dict[str, tuple[str, ...]] = {
+    "causal": ("forward",),
+    "bidirectional": ("forward", "backward"),
+    "cross": ("forward", "backward", "columns_forward", "columns_backward"),
+}
+ROUTE_SUFFIXES: dict[str, str] = {
+    "forward": "",  # row-major order (the flattened sequence)
+    "backward": "_b",  # row-major order reversed
+    "columns_forward": "_c",  # column-major: (0,0), (1,0), ..., (h-1,0), (0,1), ...
+    "columns_backward": "_c_b",  # column-major reversed
+}
+
+
+def check_scan(scan: str) -> str:
+    if scan not in SCAN_ROUTES:
+        raise ValueError(f"scan must be one of {tuple(SCAN_ROUTES)}, got {scan!r}")
+    return scan
+
+
+def route_order(route: str, h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The row-major positions (of an h x w grid) in the order the route visits them: a (h*w,) LongTensor.
+
+    `tokens_in_route_order = tokens[:, route_order(route, h, w)]`. For "forward" and "backward" only
+    h * w matters.
+    """
+    index = torch.arange(h * w, device=device)
+    if route == "forward":
+        return index
+    if route == "backward":
+        return index.flip(0)
+    if route == "columns_forward":
+        return index.view(h, w).t().reshape(-1)
+    if route == "columns_backward":
+        return index.view(h, w).t().reshape(-1).flip(0)
+    raise ValueError(f"unknown route {route!r}; routes: {tuple(ROUTE_SUFFIXES)}")
+
+
+def resolve_grid(scan: str, l: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The (h, w) grid a scan of `l` tokens runs over: `grid` if given, else a square one for "cross",
+    and (1, l) for the routes that only need the flat sequence."""
+    if grid is not None:
+        h, w = (int(v) for v in grid)
+        if h * w != l:
+            raise ValueError(f"grid={tuple(grid)} holds {h * w} tokens but the sequence has {l}")
+        return h, w
+    if scan != "cross":
+        return 1, l
+    side = math.isqrt(l)
+    if side * side != l:
+        raise ValueError(
+            f"the cross scan needs the patch grid: {l} tokens are not a square grid; pass grid=(h, w)"
+        )
+    return side, side
+
+
+class RoutePermutation:
+    """Moves (b, l, ...) tensors between row-major order and one route's order (dimension 1)."""
+
+    def __init__(self, route: str, h: int, w: int, device):
+        self.route = route
+        if route in ("forward", "backward"):
+            self.order = self.inverse = None
+        else:
+            self.order = route_order(route, h, w, device)
+            self.inverse = torch.argsort(self.order)
+
+    def to_route(self, t: torch.Tensor) -> torch.Tensor:
+        if self.route == "forward":
+            return t
+        if self.route == "backward":
+            return t.flip(1)
+        return t.index_select(1, self.order)
+
+    def to_rows(self, t: torch.Tensor) -> torch.Tensor:
+        if self.route == "forward":
+            return t
+        if self.route == "backward":
+            return t.flip(1)
+        return t.index_select(1, self.inverse)
+
+
 @dataclass(frozen=True)
 class Mamba2Kernels:
     chunk_scan: Callable
@@ -309,8 +402,11 @@ def get_mamba2_kernels(like: torch.Tensor) -> Mamba2Kernels | None:
 class Mamba2Mixer(nn.Module):
     """Mamba-2 SSD mixer. Input and output: (b, l, d_model).
 
-    `bidirectional=False`: causal scan with an optional decode state (language model).
-    `bidirectional=True`: forward scan plus a scan over the reversed sequence (MSC connector).
+    `scan="causal"`: causal scan with an optional decode state (language model).
+    `scan="bidirectional"`: forward scan plus a scan over the reversed sequence (MSC connector).
+    `scan="cross"`: four routes over an h x w patch grid (rows and columns, each both ways).
+    The non-causal scans have one set of conv1d / dt_bias / A_log / D per route, named with the
+    route's suffix (`route_suffixes`); in_proj, norm and out_proj are shared.
     """
 
     def __init__(
@@ -330,7 +426,7 @@ class Mamba2Mixer(nn.Module):
         dt_init_floor: float = 1e-4,
         A_init_range: tuple[float, float] = (1, 16),
         dt_limit: tuple[float, float] = (0.0, float("inf")),
-        bidirectional: bool = False,
+        scan: str = "causal",
     ):
         super().__init__()
         self.d_model = d_model
@@ -348,30 +444,26 @@ class Mamba2Mixer(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.A_init_range = tuple(A_init_range)
         self.dt_limit = tuple(dt_limit)
-        self.bidirectional = bidirectional
+        self.scan = check_scan(scan)
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
-        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
-        self.A_log = nn.Parameter(torch.empty(self.nheads))
-        self.D = nn.Parameter(torch.ones(self.nheads))
-        if bidirectional:
-            self.conv1d_b = nn.Conv1d(
+        for suffix in self.route_suffixes:  # "" first: the causal scan's names come first in the state dict
+            conv = nn.Conv1d(
                 self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias
             )
-            self.dt_bias_b = nn.Parameter(torch.empty(self.nheads))
-            self.A_log_b = nn.Parameter(torch.empty(self.nheads))
-            self.D_b = nn.Parameter(torch.ones(self.nheads))
+            setattr(self, "conv1d" + suffix, conv)
+            setattr(self, "dt_bias" + suffix, nn.Parameter(torch.empty(self.nheads)))
+            setattr(self, "A_log" + suffix, nn.Parameter(torch.empty(self.nheads)))
+            setattr(self, "D" + suffix, nn.Parameter(torch.ones(self.nheads)))
         self.norm = RMSNormGated(self.d_inner, group_size=self.d_inner // ngroups, eps=norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """mamba_ssm's initialisation of dt_bias (inverse softplus of a log-uniform dt), A_log and D."""
-        suffixes = ["", "_b"] if self.bidirectional else [""]
-        for suffix in suffixes:
+        """mamba_ssm's initialisation of dt_bias (inverse softplus of a log-uniform dt), A_log and D, every route."""
+        for suffix in self.route_suffixes:
             dt_bias, A_log, D = (getattr(self, name + suffix) for name in ("dt_bias", "A_log", "D"))
             if dt_bias.device.type == "meta":
                 continue
@@ -383,7 +475,17 @@ class Mamba2Mixer(nn.Module):
             A_log.copy_(torch.log(torch.empty(self.nheads, device=A_log.device).uniform_(*self.A_init_range)))
             D.fill_(1.0)
 
-    # ---- pieces shared by both directions -------------------------------------------------
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The routes this mixer scans (`SCAN_ROUTES[self.scan]`)."""
+        return SCAN_ROUTES[self.scan]
+
+    @property
+    def route_suffixes(self) -> tuple[str, ...]:
+        """Parameter-name suffix of each route: ("",), ("", "_b") or ("", "_b", "_c", "_c_b")."""
+        return tuple(ROUTE_SUFFIXES[route] for route in self.routes)
+
+    # ---- pieces shared by all routes --------------------------------------------------------
 
     def _split(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -433,6 +535,7 @@ class Mamba2Mixer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         conv_state: torch.Tensor | None = None,
         ssm_state: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -442,14 +545,19 @@ class Mamba2Mixer(nn.Module):
             conv_state: (b, conv_dim, d_conv), the last d_conv inputs of the conv; read and updated in place.
             ssm_state: (b, nheads, headdim, d_state); read and updated in place. Give both states or neither.
                 With states, `l == 1` takes the recurrent step and `l > 1` continues the chunked scan.
+            grid: (h, w) of the patch grid whose tokens arrive row-major (h * w == l). Needed by
+                `scan="cross"` unless l is a perfect square (then a square grid is taken); the other
+                scans only check it.
 
         Returns:
             (b, l, d_model). Outputs at padding positions are unspecified.
         """
-        if self.bidirectional:
+        if self.scan != "causal":
             if conv_state is not None or ssm_state is not None:
-                raise ValueError("a bidirectional scan has no decode state")
-            return self._forward_bidirectional(hidden_states, attention_mask)
+                raise ValueError(f"a {self.scan} scan has no decode state")
+            return self._forward_routes(hidden_states, attention_mask, grid)
+        if grid is not None:
+            resolve_grid(self.scan, hidden_states.shape[1], grid)
         if (conv_state is None) != (ssm_state is None):
             raise ValueError("pass both conv_state and ssm_state, or neither")
         if conv_state is not None and hidden_states.shape[1] == 1 and attention_mask is None:
@@ -519,17 +627,21 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, self.d_inner), z)
         return self.out_proj(y.to(u.dtype))[:, None]
 
-    def _forward_bidirectional(self, u, attention_mask):
+    def _forward_routes(self, u, attention_mask, grid):
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("the bidirectional scan connector takes full image grids; attention_mask is not supported")
+            raise ValueError(f"the {self.scan} scan connector takes full image grids; attention_mask is not supported")
+        h, w = resolve_grid(self.scan, u.shape[1], grid)
         z, xBC, dt_raw = self._split(self.in_proj(u))
-        y_f, _ = self._scan(
-            self._conv(xBC, self.conv1d, None), self._dt(dt_raw, self.dt_bias), self.A_log, self.D
-        )
-        xBC_r, dt_r = xBC.flip(1), dt_raw.flip(1)
-        y_b, _ = self._scan(
-            self._conv(xBC_r, self.conv1d_b, None), self._dt(dt_r, self.dt_bias_b), self.A_log_b, self.D_b
-        )
-        # As released: each direction is gated and normalised on its own, then the two are averaged.
-        y = (self.norm(y_f, z) + self.norm(y_b.flip(1), z)) / 2
+        y = None
+        for route, suffix in zip(self.routes, self.route_suffixes):
+            perm = RoutePermutation(route, h, w, u.device)
+            conv, dt_bias, A_log, D = (getattr(self, name + suffix) for name in ("conv1d", "dt_bias", "A_log", "D"))
+            y_r, _ = self._scan(
+                self._conv(perm.to_route(xBC), conv, None), self._dt(perm.to_route(dt_raw), dt_bias), A_log, D
+            )
+            # As released: each route is gated and normalised on its own (in row-major order), then
+            # the routes are averaged.
+            y_r = self.norm(perm.to_rows(y_r), z)
+            y = y_r if y is None else y + y_r
+        y = y / len(self.routes)
         return self.out_proj(y.to(u.dtype))

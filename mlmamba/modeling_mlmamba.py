@@ -216,7 +216,7 @@ class MSCLayer(GradientCheckpointingLayer):
     def __init__(self, config: MLMambaConnectorConfig):
         super().__init__()
         d = config.hidden_size
-        self.mixer = Mamba2Mixer(d, bidirectional=True, **config.mixer_kwargs())
+        self.mixer = Mamba2Mixer(d, scan="bidirectional", **config.mixer_kwargs())
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
         self.mlp = SwiGLU(d, d)
 
@@ -354,7 +354,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
         text = self.config.text_config
         std = text.initializer_range
         if isinstance(module, Mamba2Mixer):
-            suffixes = ["", "_b"] if module.bidirectional else [""]
+            suffixes = module.route_suffixes
             for suffix in suffixes:
                 dt_bias, A_log, D = (getattr(module, n + suffix) for n in ("dt_bias", "A_log", "D"))
                 log_dt = torch.rand(module.nheads, device=dt_bias.device) * (

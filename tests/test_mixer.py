@@ -1,11 +1,14 @@
-"""The Mamba-2 mixer against independent references: a per-token recurrence and a hand-written
-bidirectional scan; chunk-size independence; cached continuation; padding."""
+"""The Mamba-2 mixer against independent references: a per-token recurrence and hand-written
+bidirectional and cross scans; chunk-size independence; cached continuation; padding; the order in
+which each route of the cross scan visits the patch grid."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mlmamba.mamba2_mixer import Mamba2Mixer, ssd_chunk_scan, ssd_naive
+from mlmamba.mamba2_mixer import SCAN_ROUTES, Mamba2Mixer, route_order, ssd_chunk_scan, ssd_naive
 
 
 def _inputs(b=2, l=37, h=4, p=8, g=2, n=16, seed=0):
@@ -118,7 +121,7 @@ def _reference_direction(m, xBC, dt_raw, z, conv, dt_bias, A_log, D):
 
 @torch.no_grad()
 def test_bidirectional_scan_equals_two_direction_reference():
-    m = _mixer(bidirectional=True)
+    m = _mixer(scan="bidirectional")
     for p in (m.conv1d_b.bias, m.dt_bias_b, m.A_log_b, m.D_b, m.conv1d.bias, m.norm.weight):
         p.normal_()  # directions must differ for the test to tell them apart
     u = torch.randn(2, 19, 32)
@@ -133,7 +136,7 @@ def test_bidirectional_scan_sees_the_future_and_causal_does_not():
     u = torch.randn(1, 12, 32)
     u2 = u.clone()
     u2[:, -1] += 1.0
-    causal, bi = _mixer(), _mixer(bidirectional=True)
+    causal, bi = _mixer(), _mixer(scan="bidirectional")
     with torch.no_grad():
         assert torch.allclose(causal(u)[:, :-1], causal(u2)[:, :-1], atol=1e-6)
         assert not torch.allclose(bi(u)[:, 0], bi(u2)[:, 0], atol=1e-6)
@@ -149,3 +152,106 @@ def test_chunk_scan_gradients_equal_recurrence_gradients():
     grads_ref = torch.autograd.grad((y_ref * y_ref.detach().sin()).sum() + state_ref.sum(), inputs)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref.double(), atol=1e-3, rtol=1e-3)
+
+
+# ---- cross scan (CSM): four routes over an h x w grid ---------------------------------------
+
+# Hand-written visiting orders on a 3 x 4 grid whose tokens arrive row-major (position = 4 * row + col).
+ORDERS_3x4 = {
+    "forward": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+    "backward": [11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+    "columns_forward": [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11],
+    "columns_backward": [11, 7, 3, 10, 6, 2, 9, 5, 1, 8, 4, 0],
+}
+
+
+def test_route_order_on_a_3x4_grid():
+    assert SCAN_ROUTES["cross"] == tuple(ORDERS_3x4)
+    assert SCAN_ROUTES["bidirectional"] == ("forward", "backward")
+    for route, expected in ORDERS_3x4.items():
+        assert route_order(route, 3, 4).tolist() == expected
+
+
+def _cross_mixer():
+    m = _mixer(scan="cross")
+    with torch.no_grad():
+        for suffix in m.route_suffixes:  # routes must differ for the tests to tell them apart
+            for p in (getattr(m, "conv1d" + suffix).bias, getattr(m, "dt_bias" + suffix), getattr(m, "D" + suffix)):
+                p.normal_()
+        m.norm.weight.normal_()
+    return m
+
+
+def test_cross_mixer_parameters_per_route():
+    m = _mixer(scan="cross")
+    assert m.route_suffixes == ("", "_b", "_c", "_c_b")
+    names = set(dict(m.named_parameters()))
+    for suffix in m.route_suffixes:
+        expected = {"conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D"}
+        assert {name.replace("conv1d.", f"conv1d{suffix}.") if "." in name else name + suffix for name in expected} <= names
+    assert not any(n.startswith(("in_proj_", "norm_", "out_proj_")) for n in names)  # shared
+    for suffix in m.route_suffixes:  # reset_ssm_parameters initialised every route
+        dt = F.softplus(getattr(m, "dt_bias" + suffix))
+        assert bool(((dt > 0.9e-4) & (dt < 0.11)).all())
+        A = torch.exp(getattr(m, "A_log" + suffix))  # A_init_range (1, 16)
+        assert bool(((A >= 1 - 1e-5) & (A <= 16 + 1e-4)).all())
+    m2 = _mixer(scan="cross")
+    assert not torch.equal(m2.dt_bias, m2.dt_bias_c)  # each route drew its own dt
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("route", list(ORDERS_3x4))
+def test_each_cross_route_sees_exactly_the_positions_before_it(route):
+    """Silence all routes but one (zero conv -> x, B, C = 0 -> y = 0, and norm(0) = 0). An output then
+    depends on its own token (z, D) and on the tokens before it along that route, and on nothing else."""
+    m = _cross_mixer()
+    for r, suffix in zip(m.routes, m.route_suffixes):
+        if r != route:
+            getattr(m, "conv1d" + suffix).weight.zero_()
+            getattr(m, "conv1d" + suffix).bias.zero_()
+        else:  # slow decay (dt = 0.05, A = -1), so that the first token still reaches the last one
+            getattr(m, "dt_bias" + suffix).fill_(math.log(math.expm1(0.05)))
+            getattr(m, "A_log" + suffix).zero_()
+    order = ORDERS_3x4[route]
+    rank = {pos: k for k, pos in enumerate(order)}
+    u = torch.randn(1, 12, 32)
+    base = m(u, grid=(3, 4))
+    for q in range(12):
+        u2 = u.clone()
+        u2[:, q] += 1.0
+        changed = (m(u2, grid=(3, 4)) - base).abs().amax(-1)[0] > 1e-6
+        expected = [rank[p] >= rank[q] for p in range(12)]
+        assert changed.tolist() == expected, (route, q)
+
+
+@torch.no_grad()
+def test_cross_scan_equals_four_route_reference():
+    m = _cross_mixer()
+    h, w = 3, 5
+    u = torch.randn(2, h * w, 32)
+    z, xBC, dt = torch.split(m.in_proj(u), [m.d_inner, m.conv_dim, m.nheads], dim=-1)
+    rows = torch.arange(h * w).view(h, w)
+    orders = [rows.flatten(), rows.flatten().flip(0), rows.t().flatten(), rows.t().flatten().flip(0)]
+    expected = 0
+    for order, suffix in zip(orders, ("", "_b", "_c", "_c_b")):
+        params = [getattr(m, name + suffix) for name in ("conv1d", "dt_bias", "A_log", "D")]
+        y_r = _reference_direction(m, xBC[:, order], dt[:, order], z[:, order], *params)
+        back = torch.empty_like(y_r)
+        back[:, order] = y_r  # route order -> row-major
+        expected = expected + back / 4
+    expected = m.out_proj(expected)
+    torch.testing.assert_close(m(u, grid=(h, w)), expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_cross_scan_grid_argument():
+    m = _cross_mixer()
+    u = torch.randn(1, 16, 32)
+    torch.testing.assert_close(m(u), m(u, grid=(4, 4)), atol=0, rtol=0)  # a square grid by default
+    assert not torch.allclose(m(u, grid=(2, 8)), m(u, grid=(4, 4)), atol=1e-5)
+    with pytest.raises(ValueError, match=r"grid=\(h, w\)"):
+        m(torch.randn(1, 15, 32))
+    with pytest.raises(ValueError, match="holds 12 tokens"):
+        m(torch.randn(1, 15, 32), grid=(3, 4))
+    with pytest.raises(ValueError, match="scan must be one of"):
+        _mixer(scan="zigzag")
