@@ -21,7 +21,6 @@ once; local folders never do). Conversion is strict: every source tensor is used
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -252,11 +251,6 @@ def save_folder(model, processor, output: str | Path) -> Path:
     output = Path(output)
     model.save_pretrained(output, max_shard_size="5GB")
     processor.save_pretrained(output)
-    # transformers 5 names the class "TokenizersBackend", which 4.x does not know; both read this name.
-    tok_config = output / "tokenizer_config.json"
-    data = json.loads(tok_config.read_text())
-    data["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_config.write_text(json.dumps(data, indent=2) + "\n")
     return output
 
 

@@ -8,6 +8,9 @@ MLMambaProcessor: the image processor plus a GPT-NeoX-style tokenizer. Each `<im
     embeddings; the number of `<image>` must equal the number of images.
 """
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers
@@ -119,9 +122,11 @@ class MLMambaProcessor(ProcessorMixin):
                 `<image>` markers in reading order.
             text: a string or a list of strings, each with one `<image>` per image it refers to.
             padding: False (rows must then have equal length), True / "longest", or "max_length"
-                (with max_length); on the tokenizer's padding_side.
-            **kwargs: passed to the tokenizer (e.g. return_offsets_mapping). Truncation is refused: it
-                could cut an image's tokens apart.
+                (with max_length); on `padding_side` ("left" or "right"), by default the tokenizer's.
+            truncation: with max_length, rows longer than max_length tokens (images included) lose their
+                last tokens, as the tokenizer's right-side truncation does. Only text may be cut: a row whose
+                image tokens would be cut raises a ValueError that names max_length.
+            **kwargs: passed to the tokenizer (e.g. return_offsets_mapping).
 
         Each `<image>` is tokenized as one token and then repeated `num_image_tokens` times, so token
         offsets (return_offsets_mapping) still point into the text as given.
@@ -132,8 +137,13 @@ class MLMambaProcessor(ProcessorMixin):
         for key in ("images_kwargs", "text_kwargs", "common_kwargs"):
             kwargs.update(kwargs.pop(key, None) or {})
         kwargs.pop("return_text_replacement_offsets", None)  # offsets already refer to the unexpanded text
-        if kwargs.pop("truncation", None):
-            raise ValueError("truncation could cut image tokens apart; shorten the text instead")
+        truncation = kwargs.pop("truncation", None)
+        if truncation not in (None, False, True, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"truncation={truncation!r}; use True or False (text after the images is cut)")
+        truncation = truncation not in (None, False, "do_not_truncate")
+        padding_side = kwargs.pop("padding_side", None) or self.tokenizer.padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}; use 'left' or 'right'")
         if text is None:
             raise ValueError("MLMambaProcessor needs text (use `<image>` to place each image)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -151,7 +161,9 @@ class MLMambaProcessor(ProcessorMixin):
         kwargs.setdefault("return_token_type_ids", False)  # the model has none (transformers 4 adds them)
         encoded = self.tokenizer(texts, **kwargs)
         rows = self._expand_image_tokens({k: list(v) for k, v in encoded.items()})
-        rows = self._pad(rows, padding, max_length, pad_to_multiple_of, ragged_ok=return_tensors is None)
+        if truncation and max_length is not None:
+            rows = self._truncate(rows, max_length)
+        rows = self._pad(rows, padding, max_length, pad_to_multiple_of, padding_side, ragged_ok=return_tensors is None)
         data = dict(rows)
         if images:
             data.update(self.image_processor(images, return_tensors=return_tensors))
@@ -167,7 +179,23 @@ class MLMambaProcessor(ProcessorMixin):
                 out[key].append([v for v, r in zip(values[i], repeats) for _ in range(r)])
         return out
 
-    def _pad(self, rows: dict, padding, max_length, pad_to_multiple_of, ragged_ok: bool) -> dict:
+    def _truncate(self, rows: dict, max_length: int) -> dict:
+        """Keep the first max_length tokens of every row; refuse to cut image tokens (their image would lose
+        its place, or part of it)."""
+        for i, ids in enumerate(rows["input_ids"]):
+            if len(ids) <= max_length:
+                continue
+            if self.image_token_id in ids[max_length:]:
+                raise ValueError(
+                    f"text {i} has {len(ids)} tokens (each image counts {self.num_image_tokens}), more than "
+                    f"max_length={max_length}, and truncating it would cut image tokens; raise max_length (in TRL: "
+                    "SFTConfig.max_length / --max_length) or set it to None, or shorten the text"
+                )
+            for values in rows.values():
+                values[i] = values[i][:max_length]
+        return rows
+
+    def _pad(self, rows: dict, padding, max_length, pad_to_multiple_of, padding_side: str, ragged_ok: bool) -> dict:
         lengths = [len(ids) for ids in rows["input_ids"]]
         if padding in (False, None, "do_not_pad"):
             if len(set(lengths)) > 1 and not ragged_ok:
@@ -186,12 +214,33 @@ class MLMambaProcessor(ProcessorMixin):
         if pad_to_multiple_of:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         fill = {"input_ids": self.tokenizer.pad_token_id, "offset_mapping": (0, 0)}
-        left = self.tokenizer.padding_side == "left"
+        left = padding_side == "left"
         for key, values in rows.items():
             for i, row in enumerate(values):
                 pad = [fill.get(key, 0)] * (target - len(row))
                 values[i] = pad + row if left else row + pad
         return rows
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """transformers' `apply_chat_template`; a tokenized result holds lists unless `return_tensors` is given,
+        as tokenizers and other processors return them (TRL's template checks index into those lists). A direct
+        `processor(images=..., text=...)` call still returns tensors."""
+        processor_kwargs = kwargs.get("processor_kwargs") or {}
+        if kwargs.get("tokenize") and kwargs.get("return_tensors", "auto") == "auto" and "return_tensors" not in processor_kwargs:
+            kwargs["return_tensors"] = None
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, with `tokenizer_class` written as "PreTrainedTokenizerFast": the name
+        transformers 5 writes ("TokenizersBackend") does not exist in 4.x, and both read this one."""
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        tok_config = Path(save_directory) / "tokenizer_config.json"
+        if tok_config.is_file():
+            data = json.loads(tok_config.read_text())
+            if data.get("tokenizer_class") == "TokenizersBackend":
+                data["tokenizer_class"] = "PreTrainedTokenizerFast"
+                tok_config.write_text(json.dumps(data, indent=2) + "\n")
+        return saved
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
