@@ -316,6 +316,54 @@ class MLMambaLanguageModel(nn.Module):
         return self.norm_f(residual).to(inputs_embeds.dtype), all_hidden
 
 
+def packed_sequence_index(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Which sequence each token belongs to, for padding-free (packed) batches; None for ordinary batches.
+
+    Packed rows hold several sequences back to back (TRL's `padding_free=True` / `packing=True`). They are
+    marked by `seq_idx` (b, l), by `cu_seq_lens` (n_seq + 1,) cumulative lengths of one packed row, or by
+    `position_ids` that restart at 0 inside a row (only read without an attention_mask: generate() passes
+    position_ids computed from the mask, which are not a packing signal). Returns (b, l) int64 ids that are
+    constant over each sequence, or None when every row is one sequence.
+    """
+    if seq_idx is None and cu_seq_lens is not None:
+        lengths = cu_seq_lens.diff().long()
+        seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)[None]
+    if seq_idx is None and position_ids is not None and attention_mask is None and position_ids.shape[1] > 1:
+        starts = position_ids == 0
+        starts[:, 0] = True
+        seq_idx = starts.long().cumsum(1)
+    if seq_idx is None:
+        return None
+    seq_idx = seq_idx.long()
+    if seq_idx.ndim != 2 or not bool((seq_idx[:, 1:] >= seq_idx[:, :-1]).all()):
+        raise ValueError("packed sequences must be contiguous: seq_idx of shape (batch, seq), non-decreasing along each row")
+    if bool((seq_idx == seq_idx[:, :1]).all()):
+        return None
+    return seq_idx
+
+
+def unpack_sequences(seq_idx: torch.Tensor):
+    """Where each token of a packed (b, l) batch goes in a right-padded batch with one sequence per row.
+
+    Returns (segment, position, n_segments, max_length, starts): for every token in row-major order its
+    sequence number, its position within that sequence, the number of sequences, the longest length, and
+    a (b, l) bool mask of the tokens that start a sequence.
+    """
+    b, l = seq_idx.shape
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    flat = starts.flatten()
+    segment = flat.long().cumsum(0) - 1
+    first = torch.nonzero(flat).squeeze(1)
+    position = torch.arange(b * l, device=seq_idx.device) - first[segment]
+    return segment, position, len(first), int(position.max()) + 1, starts
+
+
 # --------------------------------------------------------------------------------------
 # Pretrained model plumbing
 # --------------------------------------------------------------------------------------
@@ -405,7 +453,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n_images, 3 * n_encoders, H, W) -> (n_images, num_image_tokens, d_model)."""
         features = self.vision_tower(pixel_values)
-        connector_dtype = self.connector.projector[0].weight.dtype
+        connector_dtype = next(self.connector.parameters()).dtype
         return self.connector(features.to(connector_dtype))
 
     def forward(
@@ -418,8 +466,11 @@ class MLMambaModel(MLMambaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> MLMambaModelOutput:
+        """Arguments as in `MLMambaForConditionalGeneration.forward`; `seq_idx` (b, l) marks packed sequences
+        (see `packed_sequence_index`): each runs as if alone, from a zero state."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -465,9 +516,16 @@ class MLMambaModel(MLMambaPreTrainedModel):
         elif cache_params.batch_size != batch_size:
             raise ValueError(f"cache_params holds {cache_params.batch_size} rows but the input has {batch_size}")
 
-        hidden_states, all_hidden = self.language_model(
-            inputs_embeds, attention_mask, cache_params, output_hidden_states=bool(output_hidden_states)
-        )
+        if seq_idx is not None:
+            if cache_params is not None:
+                raise ValueError("packed sequences (padding-free batches) are for training; they take no state cache")
+            if attention_mask is not None:
+                raise ValueError("packed sequences take no attention_mask: pass one or the other")
+            hidden_states, all_hidden = self._forward_packed(inputs_embeds, seq_idx, bool(output_hidden_states))
+        else:
+            hidden_states, all_hidden = self.language_model(
+                inputs_embeds, attention_mask, cache_params, output_hidden_states=bool(output_hidden_states)
+            )
         if cache_params is not None:
             cache_params.seqlen_offset += inputs_embeds.shape[1]
         return MLMambaModelOutput(
@@ -476,6 +534,20 @@ class MLMambaModel(MLMambaPreTrainedModel):
             hidden_states=all_hidden,
             image_hidden_states=image_features,
         )
+
+    def _forward_packed(self, inputs_embeds, seq_idx, output_hidden_states):
+        """Run each packed sequence as its own right-padded row (the padding leaves no trace, see
+        Mamba2Mixer), then put the outputs back in the packed layout."""
+        b, l, d = inputs_embeds.shape
+        segment, position, n_seg, max_len, _ = unpack_sequences(seq_idx)
+        rows = inputs_embeds.new_zeros(n_seg, max_len, d).index_put((segment, position), inputs_embeds.reshape(b * l, d))
+        mask = torch.zeros(n_seg, max_len, dtype=torch.long, device=inputs_embeds.device)
+        mask[segment, position] = 1
+        hidden, all_hidden = self.language_model(rows, mask, None, output_hidden_states=output_hidden_states)
+        repack = lambda h: h[segment, position].reshape(b, l, -1)  # noqa: E731
+        if all_hidden is not None:
+            all_hidden = tuple(repack(h) for h in all_hidden)
+        return repack(hidden), all_hidden
 
     def _merge_image_features(self, input_ids, inputs_embeds, image_features):
         mask = input_ids == self.config.image_token_id
@@ -492,10 +564,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
 
 # Arguments generic callers (generate, Trainer) pass that have no meaning for a state-space model.
 IGNORED_KWARGS = {"position_ids", "cache_position", "token_type_ids", "num_items_in_batch", "output_attentions", "is_first_iteration"}
+# What TRL's padding-free collator adds to mark packed sequences (read by `packed_sequence_index`).
+PACKING_KWARGS = {"seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 
 
 def _check_extra_kwargs(kwargs: dict) -> None:
-    unknown = sorted(set(kwargs) - IGNORED_KWARGS)
+    unknown = sorted(set(kwargs) - IGNORED_KWARGS - PACKING_KWARGS)
     if unknown:
         raise TypeError(f"MLMambaForConditionalGeneration.forward() got unexpected arguments {unknown}")
     if kwargs.get("output_attentions"):
@@ -585,8 +659,15 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             labels: (batch, seq); -100 is ignored. Image token positions never carry loss.
             cache_params / use_cache: the state cache for decoding (see MLMambaCache).
             logits_to_keep: if > 0, only the logits of the last `logits_to_keep` positions are computed.
+            position_ids / seq_idx / cu_seq_lens_q: padding-free (packed) batches, as TRL's collator with
+                `padding_free=True` or `packing=True` makes them: sequences back to back in a row, without an
+                attention_mask. Each sequence is computed as if alone (its own zero state) and no loss crosses
+                from one into the next. Otherwise position_ids are ignored (a Mamba has no positions).
         """
         _check_extra_kwargs(kwargs)
+        seq_idx = packed_sequence_index(
+            attention_mask, kwargs.get("position_ids"), kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q")
+        )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -595,6 +676,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             cache_params=cache_params,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            seq_idx=seq_idx,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
@@ -607,6 +689,8 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
+            if seq_idx is not None:  # the first token of a packed sequence is not predicted from the one before
+                labels = labels.masked_fill(unpack_sequences(seq_idx)[4], -100)
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
 
         return MLMambaCausalLMOutput(
