@@ -2,6 +2,10 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# Lower bounds are the versions the tests ran with (assistant-only loss on image data needs TRL's
+# vision collator of the 1.x line and transformers >= 5.18 for its chat-template masks).
+TRAIN = ["trl>=1.16", "peft>=0.21", "datasets>=4.0", "accelerate>=1.15"]
+
 setup(
     name="mlmamba",
     version="0.1.0",
@@ -22,10 +26,10 @@ setup(
         "pillow",
     ],
     extras_require={
-        "train": ["trl>=0.20", "peft>=0.15", "datasets>=3.0", "accelerate>=1.0"],
+        "train": TRAIN,
         "kernels": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
         # no timm here: it pulls torchvision, which replaces the pinned CPU torch with a CUDA build
-        "dev": ["pytest>=8", "scikit-learn", "scikit-image"],
+        "dev": ["pytest>=8", "scikit-learn", "scikit-image", *TRAIN],
     },
     entry_points={"console_scripts": ["mlmamba-convert=mlmamba.convert:main"]},
 )
