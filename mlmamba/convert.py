@@ -5,7 +5,7 @@ Random weights of a named configuration (offline):
 
 The released ML-Mamba checkpoint, with the vision encoders' own releases and the tokenizer:
     python -m mlmamba.convert --checkpoint latest-checkpoint.pt \\
-        --vision facebook/dinov2-with-registers-large --vision google/siglip-so400m-patch14-384 \\
+        --vision timm/vit_large_patch14_reg4_dinov2.lvd142m --vision timm/vit_so400m_patch14_siglip_384.webli \\
         --tokenizer xiuyul/mamba-2.8b-zephyr --output ml-mamba-3b
 
 A pretrained Mamba-2 language model under a random connector (to train a new model from it):
@@ -17,7 +17,10 @@ chat_template.jinja, the code files and a model card (README.md), and loads with
 `AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(DIR, trust_remote_code=True)`, with or without this package installed.
 --vision, --tokenizer and --text-model take local folders or Hub ids (Hub ids need the network
-once; local folders never do). Conversion is strict: every source tensor is used exactly once.
+once; local folders never do). --vision also takes timm state dict files (.safetensors, .pth, .bin) and
+timm or open_clip folders: the weights the originals loaded through timm; transformers folders and Hub
+ids such as facebook/dinov2-with-registers-large and google/siglip-so400m-patch14-384 hold the same weights.
+Conversion is strict: every source tensor is used exactly once.
 """
 
 import argparse
@@ -103,7 +106,8 @@ def _vision(sources: list[str], image_size: int, dtype) -> tuple[dict, dict, lis
 
     encoders, means, stds, state, notes = [], [], [], {}, []
     for i, source in enumerate(sources):
-        config, tensors, dropped = load_vision_encoder(source, image_size, dtype=dtype)
+        config, tensors, dropped, encoder_notes = load_vision_encoder(source, image_size, dtype=dtype)
+        notes.extend(encoder_notes)
         encoders.append(config)
         mean, std = NORMALIZATION[config["model_type"]]
         means.append(mean)
@@ -261,7 +265,7 @@ def main(argv=None):
     source.add_argument("--checkpoint", help="ML-Mamba's latest-checkpoint.pt (or a folder of its tensors)")
     source.add_argument("--text-model", help="a Mamba-2 LM folder or Hub id (state-spaces or transformers format)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (--random, --text-model)")
-    parser.add_argument("--vision", action="append", default=[], help="vision encoder folder or Hub id, in order (DINOv2 first, as released)")
+    parser.add_argument("--vision", action="append", default=[], help="vision encoder, in order (DINOv2 first, as released): a transformers or timm folder or Hub id, or a timm state dict file")
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (GPT-NeoX-20B style, e.g. xiuyul/mamba-2.8b-zephyr)")
     parser.add_argument("--output", required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0)

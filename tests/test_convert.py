@@ -112,7 +112,7 @@ def test_dinov2_position_table_is_resized_like_transformers_interpolates(tmp_pat
     with torch.no_grad():
         original.embeddings.position_embeddings.normal_()  # a table with structure to interpolate
     original.save_pretrained(tmp_path / "dino")
-    vision_config, state, dropped = load_vision_encoder(str(tmp_path / "dino"), image_size=42)
+    vision_config, state, dropped, _ = load_vision_encoder(str(tmp_path / "dino"), image_size=42)
     assert state["embeddings.position_embeddings"].shape == (1, 1 + 9, 32) and vision_config["image_size"] == 42
     converted = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vision_config)).eval()
     converted.load_state_dict(state)
@@ -248,7 +248,7 @@ def test_full_siglip_checkpoint_gives_its_vision_tower_and_reports_the_rest(tmp_
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100),
     )).eval()
     full.save_pretrained(tmp_path / "siglip")
-    vision_config, state, dropped = load_vision_encoder(str(tmp_path / "siglip"), image_size=42)
+    vision_config, state, dropped, _ = load_vision_encoder(str(tmp_path / "siglip"), image_size=42)
     assert dropped and all(k.startswith(("text_model.", "logit_", "vision_model.head.")) for k in dropped)
     assert any(k.startswith("text_model.") for k in dropped)
     vision = SiglipVisionModel(type(full.config.vision_config)(**vision_config)).eval()
