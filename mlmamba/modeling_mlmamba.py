@@ -34,6 +34,13 @@ from .configuration_mlmamba import MLMambaConfig, MLMambaConnectorConfig, MLMamb
 from .mamba2_mixer import Mamba2Mixer, RMSNorm
 
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# The name generate() keeps the state cache under in its model kwargs: "cache" since transformers 5.24,
+# "cache_params" before (4.x and early 5.x). The model takes both names and returns `.cache`.
+try:
+    from transformers.generation.utils import ALL_CACHE_NAMES as _ALL_CACHE_NAMES
+except ImportError:
+    _ALL_CACHE_NAMES = ()
+GENERATE_CACHE_KEY = "cache" if "cache" in _ALL_CACHE_NAMES else "cache_params"
 
 
 # --------------------------------------------------------------------------------------
@@ -79,6 +86,12 @@ class MLMambaCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seqlen_offset
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether it keeps a fixed-size (recurrent) state: all do. generate() (transformers >= 5.24)
+        then leaves slicing the prompt to `prepare_inputs_for_generation`."""
+        return [True] * len(self.conv_states)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows in place (beam search)."""
         for states in (self.conv_states, self.ssm_states):
@@ -89,7 +102,7 @@ class MLMambaCache:
         """An independent copy, each row repeated `repeat` times (row-major, like `repeat_interleave`).
 
         Prefix reuse: prefill an image and a system prompt once, then answer several questions from
-        copies: `model.generate(input_ids=prefix_ids + question_ids, cache_params=cache.copy())` feeds
+        copies: `model.generate(input_ids=prefix_ids + question_ids, cache=cache.copy())` feeds
         only the tokens after the prefix; the vision tower and the prefix do not run again.
         """
         new = object.__new__(MLMambaCache)
@@ -112,15 +125,20 @@ class MLMambaCache:
 class MLMambaModelOutput(ModelOutput):
     """
     last_hidden_state: (batch, seq, d_model) after the final norm.
-    cache_params: the updated `MLMambaCache` when `use_cache`.
+    cache: the updated `MLMambaCache` when `use_cache`.
     hidden_states: per layer outputs (embeddings first) when `output_hidden_states`.
     image_hidden_states: (n_images, num_image_tokens, d_model) connector outputs when images were given.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    cache_params: MLMambaCache | None = None
+    cache: MLMambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+    @property
+    def cache_params(self) -> MLMambaCache | None:
+        """The name transformers' Mamba models used before 5.24; the same object as `cache`."""
+        return self.cache
 
 
 @dataclass
@@ -132,9 +150,14 @@ class MLMambaCausalLMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    cache_params: MLMambaCache | None = None
+    cache: MLMambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+    @property
+    def cache_params(self) -> MLMambaCache | None:
+        """The name transformers' Mamba models used before 5.24; the same object as `cache`."""
+        return self.cache
 
 
 # --------------------------------------------------------------------------------------
@@ -303,12 +326,12 @@ class MLMambaLanguageModel(nn.Module):
         self.layers = nn.ModuleList([MLMambaBlock(config) for _ in range(config.n_layer)])
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon)
 
-    def forward(self, inputs_embeds, attention_mask=None, cache_params=None, output_hidden_states=False):
+    def forward(self, inputs_embeds, attention_mask=None, cache=None, output_hidden_states=False):
         hidden_states, residual = inputs_embeds, None
         all_hidden = (inputs_embeds,) if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            conv_state = cache_params.conv_states[i] if cache_params is not None else None
-            ssm_state = cache_params.ssm_states[i] if cache_params is not None else None
+            conv_state = cache.conv_states[i] if cache is not None else None
+            ssm_state = cache.ssm_states[i] if cache is not None else None
             hidden_states, residual = layer(hidden_states, residual, attention_mask, conv_state, ssm_state)
             if output_hidden_states:
                 all_hidden += ((residual + hidden_states).to(inputs_embeds.dtype),)
@@ -462,7 +485,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache_params: MLMambaCache | None = None,
+        cache: MLMambaCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -471,13 +494,14 @@ class MLMambaModel(MLMambaPreTrainedModel):
     ) -> MLMambaModelOutput:
         """Arguments as in `MLMambaForConditionalGeneration.forward`; `seq_idx` (b, l) marks packed sequences
         (see `packed_sequence_index`): each runs as if alone, from a zero state."""
+        cache = _cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.language_model.embedding(input_ids)
         batch_size = inputs_embeds.shape[0]
 
-        prefill = cache_params is None or cache_params.seqlen_offset == 0
+        prefill = cache is None or cache.seqlen_offset == 0
         image_features = None
         if pixel_values is not None:
             if input_ids is None:
@@ -504,33 +528,33 @@ class MLMambaModel(MLMambaPreTrainedModel):
                 attention_mask = None
 
         if use_cache is None:
-            use_cache = cache_params is not None
+            use_cache = cache is not None
         if use_cache and self.training and self.language_model.layers and self.language_model.layers[0].gradient_checkpointing:
             use_cache = False
-        if use_cache and cache_params is None:
-            cache_params = MLMambaCache(
+        if use_cache and cache is None:
+            cache = MLMambaCache(
                 self.config.text_config, batch_size, dtype=inputs_embeds.dtype, device=inputs_embeds.device
             )
         if not use_cache:
-            cache_params = None
-        elif cache_params.batch_size != batch_size:
-            raise ValueError(f"cache_params holds {cache_params.batch_size} rows but the input has {batch_size}")
+            cache = None
+        elif cache.batch_size != batch_size:
+            raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch_size}")
 
         if seq_idx is not None:
-            if cache_params is not None:
+            if cache is not None:
                 raise ValueError("packed sequences (padding-free batches) are for training; they take no state cache")
             if attention_mask is not None:
                 raise ValueError("packed sequences take no attention_mask: pass one or the other")
             hidden_states, all_hidden = self._forward_packed(inputs_embeds, seq_idx, bool(output_hidden_states))
         else:
             hidden_states, all_hidden = self.language_model(
-                inputs_embeds, attention_mask, cache_params, output_hidden_states=bool(output_hidden_states)
+                inputs_embeds, attention_mask, cache, output_hidden_states=bool(output_hidden_states)
             )
-        if cache_params is not None:
-            cache_params.seqlen_offset += inputs_embeds.shape[1]
+        if cache is not None:
+            cache.seqlen_offset += inputs_embeds.shape[1]
         return MLMambaModelOutput(
             last_hidden_state=hidden_states,
-            cache_params=cache_params,
+            cache=cache,
             hidden_states=all_hidden,
             image_hidden_states=image_features,
         )
@@ -566,6 +590,14 @@ class MLMambaModel(MLMambaPreTrainedModel):
 IGNORED_KWARGS = {"position_ids", "cache_position", "token_type_ids", "num_items_in_batch", "output_attentions", "is_first_iteration"}
 # What TRL's padding-free collator adds to mark packed sequences (read by `packed_sequence_index`).
 PACKING_KWARGS = {"seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+
+
+def _cache_argument(cache: MLMambaCache | None, kwargs: dict) -> MLMambaCache | None:
+    """`cache`, or `cache_params` (its name before transformers 5.24) taken out of `kwargs`."""
+    old = kwargs.pop("cache_params", None)
+    if old is not None and cache is not None and old is not cache:
+        raise ValueError("got two state caches: pass it once, as `cache` (`cache_params` is its old name)")
+    return cache if cache is not None else old
 
 
 def _check_extra_kwargs(kwargs: dict) -> None:
@@ -643,7 +675,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        cache_params: MLMambaCache | None = None,
+        cache: MLMambaCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -657,13 +689,15 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
                 tokens in reading order (row by row).
             attention_mask: (batch, seq), 1 for tokens, 0 for left or right padding.
             labels: (batch, seq); -100 is ignored. Image token positions never carry loss.
-            cache_params / use_cache: the state cache for decoding (see MLMambaCache).
+            cache / use_cache: the state cache for decoding (see MLMambaCache); `cache_params`, the name
+                transformers used before 5.24, is accepted too.
             logits_to_keep: if > 0, only the logits of the last `logits_to_keep` positions are computed.
             position_ids / seq_idx / cu_seq_lens_q: padding-free (packed) batches, as TRL's collator with
                 `padding_free=True` or `packing=True` makes them: sequences back to back in a row, without an
                 attention_mask. Each sequence is computed as if alone (its own zero state) and no loss crosses
                 from one into the next. Otherwise position_ids are ignored (a Mamba has no positions).
         """
+        cache = _cache_argument(cache, kwargs)
         _check_extra_kwargs(kwargs)
         seq_idx = packed_sequence_index(
             attention_mask, kwargs.get("position_ids"), kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q")
@@ -673,7 +707,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache_params=cache_params,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             seq_idx=seq_idx,
@@ -696,7 +730,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         return MLMambaCausalLMOutput(
             loss=loss,
             logits=logits,
-            cache_params=outputs.cache_params,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
@@ -707,27 +741,28 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         pixel_values=None,
         attention_mask=None,
         inputs_embeds=None,
-        cache_params: MLMambaCache | None = None,
+        cache: MLMambaCache | None = None,
         use_cache: bool = True,
         logits_to_keep: int | None = None,
         **kwargs,
     ):
         """Prefill consumes the prompt (and the images); later steps feed only the tokens the cache has
         not seen. Without a cache the whole sequence (images included) is recomputed every step."""
+        cache = _cache_argument(cache, kwargs)
         embeds_prompt = inputs_embeds is not None and (input_ids is None or input_ids.shape[1] == 0)
-        if use_cache and cache_params is None:
-            cache_params = self.new_cache(inputs_embeds.shape[0] if embeds_prompt else input_ids.shape[0])
-        seen = cache_params.seqlen_offset if use_cache else 0
+        if use_cache and cache is None:
+            cache = self.new_cache(inputs_embeds.shape[0] if embeds_prompt else input_ids.shape[0])
+        seen = cache.seqlen_offset if use_cache else 0
 
         if seen == 0:
             if embeds_prompt:
                 if use_cache:
-                    cache_params.prompt_in_embeds = True
+                    cache.prompt_in_embeds = True
                 model_inputs = {"inputs_embeds": inputs_embeds, "input_ids": None}
             else:
                 model_inputs = {"input_ids": input_ids}
         else:
-            new_ids = input_ids[:, -1:] if cache_params.prompt_in_embeds else input_ids[:, seen:]
+            new_ids = input_ids[:, -1:] if cache.prompt_in_embeds else input_ids[:, seen:]
             if new_ids.shape[1] == 0:
                 raise ValueError(f"the cache has seen {seen} positions and input_ids hold no new token after them")
             model_inputs = {"input_ids": new_ids}
@@ -738,16 +773,25 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         model_inputs.update(
             pixel_values=pixel_values,
             attention_mask=attention_mask,
-            cache_params=cache_params,
+            cache=cache,
             use_cache=use_cache,
         )
         if logits_to_keep is not None:
             model_inputs["logits_to_keep"] = logits_to_keep
         return model_inputs
 
-    def _reorder_cache(self, cache_params, beam_idx):
-        cache_params.reorder_cache(beam_idx)
-        return cache_params
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """Keep the state cache where this transformers version's generate() looks for it (beam search
+        reorders it there): `GENERATE_CACHE_KEY`."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs.pop("cache_params" if GENERATE_CACHE_KEY == "cache" else "cache", None)
+        if outputs.cache is not None:
+            model_kwargs[GENERATE_CACHE_KEY] = outputs.cache
+        return model_kwargs
+
+
+        cache.reorder_cache(beam_idx)
+        return cache
 
 
 __all__ = [

@@ -65,7 +65,7 @@ def test_the_state_cache_is_constant_in_sequence_length(tiny):
     caches = []
     for n_words in (2, 60):
         inputs = chat_inputs(processor, " ".join(["word"] * n_words), make_image(5))
-        caches.append(model(**inputs, use_cache=True).cache_params)
+        caches.append(model(**inputs, use_cache=True).cache)
     short, long = caches
     assert long.seqlen_offset > 3 * short.seqlen_offset
     assert short.nbytes() == long.nbytes() > 0
@@ -94,7 +94,7 @@ def test_prefix_reuse_equals_full_recomputation(tiny, monkeypatch):
     )
     prefix_text = prefix_text[: prefix_text.index("<|user|>")]  # "<image><|system|>\n...<|endoftext|>\n"
     prefix = processor(images=image, text=prefix_text)
-    cache = model(**prefix, use_cache=True).cache_params
+    cache = model(**prefix, use_cache=True).cache
 
     vision_calls = []
     original = model.model.vision_tower.forward
@@ -104,7 +104,7 @@ def test_prefix_reuse_equals_full_recomputation(tiny, monkeypatch):
         assert full_text.startswith(prefix_text)
         full = processor(images=image, text=full_text)
         reused = model.generate(
-            input_ids=full["input_ids"], attention_mask=full["attention_mask"], cache_params=cache.copy(), **GREEDY
+            input_ids=full["input_ids"], attention_mask=full["attention_mask"], cache=cache.copy(), **GREEDY
         )
         assert not vision_calls  # neither the image nor the prefix ran again
         monkeypatch.setattr(model.model.vision_tower, "forward", original)
@@ -112,7 +112,7 @@ def test_prefix_reuse_equals_full_recomputation(tiny, monkeypatch):
         monkeypatch.setattr(model.model.vision_tower, "forward", lambda pv: vision_calls.append(1) or original(pv))
         torch.testing.assert_close(reused, recomputed)
     # the prefix state itself was never modified by the answers
-    again = model(**prefix, use_cache=True).cache_params
+    again = model(**prefix, use_cache=True).cache
     for a, b in zip(cache.ssm_states, again.ssm_states):
         torch.testing.assert_close(a, b)
 
@@ -130,9 +130,9 @@ def test_right_padded_prefill_leaves_each_rows_state_as_alone(tiny):
     finally:
         processor.tokenizer.padding_side = old_side
     assert (batch["attention_mask"][:, -1] == 0).any()
-    cache = model(**batch, use_cache=True).cache_params
+    cache = model(**batch, use_cache=True).cache
     for i in range(2):
-        alone = model(**processor(images=images[i], text=texts[i]), use_cache=True).cache_params
+        alone = model(**processor(images=images[i], text=texts[i]), use_cache=True).cache
         for layer in range(len(cache.conv_states)):
             torch.testing.assert_close(cache.conv_states[layer][i], alone.conv_states[layer][0], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(cache.ssm_states[layer][i], alone.ssm_states[layer][0], atol=1e-5, rtol=1e-5)
