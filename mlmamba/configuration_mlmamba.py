@@ -2,8 +2,9 @@
 
     MLMambaConfig
       vision_config     MLMambaVisionConfig     one or two transformers vision encoders, fused on channels
-      connector_config  MLMambaConnectorConfig  "msc" (mlp -> Mamba-2 scan connector -> projector) or "mlp"
-      text_config       MLMambaTextConfig       the Mamba-2 language model (mamba_ssm's MambaConfig fields)
+      connector_config  MLMambaConnectorConfig  ML-Mamba's MSC, Cobra's MLP projector, VL-Mamba's VSS variants
+      text_config       MLMambaTextConfig       the Mamba-2 (ML-Mamba) or Mamba-1 (Cobra, VL-Mamba) language
+                                                model, with mamba_ssm's MambaConfig field names
 
 The number of image tokens is derived from the vision geometry ((image_size // patch_size) ** 2),
 never stored separately. Every value is checked when the config is built; a wrong one raises a
@@ -14,8 +15,11 @@ from transformers import AutoConfig, PretrainedConfig
 
 # model_type of the transformers vision configs the vision tower can hold
 SUPPORTED_VISION_ENCODERS = ("siglip_vision_model", "dinov2_with_registers", "clip_vision_model")
-CONNECTOR_TYPES = ("msc", "mlp")
-MSC_SCANS = ("bidirectional",)
+# "msc": ML-Mamba; "mlp": Cobra's fused projector; "mlp2x", "vss-mlp", "vss-l2": VL-Mamba's three connectors.
+CONNECTOR_TYPES = ("msc", "mlp", "mlp2x", "vss-mlp", "vss-l2")
+# Scans of the connectors that scan the image (MSC and VSS): BSM ("bidirectional") and CSM ("cross").
+CONNECTOR_SCANS = ("bidirectional", "cross")
+SSM_LAYERS = ("Mamba2", "Mamba1")  # mamba_ssm's ssm_cfg["layer"]
 
 # The released ML-Mamba's vision encoders (the defaults of MLMambaVisionConfig).
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -51,22 +55,46 @@ SIGLIP_SO400M_14_384 = dict(
     hidden_act="gelu_pytorch_tanh",
     vision_use_head=False,  # the attention-pool head is not used by ML-Mamba
 )
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# openai/clip-vit-large-patch14-336, VL-Mamba's vision encoder (24 x 24 = 576 patches).
+CLIP_L14_336 = dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=336,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
 
 
 
 def _mixer_fields(config) -> dict:
-    """The Mamba2Mixer arguments that the text and connector configs share, by the mixer's names."""
-    return dict(
-        d_state=config.d_state,
-        d_conv=config.d_conv,
-        expand=config.expand,
-        headdim=config.headdim,
-        ngroups=config.ngroups,
-        chunk_size=config.chunk_size,
-        conv_bias=config.conv_bias,
-        bias=config.bias,
-        norm_eps=config.norm_epsilon,
-    )
+    """The mixer arguments that the text and connector configs share, by the mixer's names:
+    `Mamba2Mixer`'s or `Mamba1Mixer`'s, as `config.ssm_layer` says."""
+    fields = dict(d_state=config.d_state, d_conv=config.d_conv, expand=config.expand, conv_bias=config.conv_bias, bias=config.bias)
+    if config.ssm_layer == "Mamba1":
+        return dict(fields, dt_rank=config.dt_rank)
+    return dict(fields, headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size, norm_eps=config.norm_epsilon)
+
+
+def _check_mixer_fields(config, d_model: int) -> None:
+    """Check the mixer fields of `config` for a mixer of width `d_model`."""
+    _one_of("ssm_layer", config.ssm_layer, SSM_LAYERS)
+    if config.ssm_layer == "Mamba1":
+        if config.dt_rank != "auto" and not (isinstance(config.dt_rank, int) and config.dt_rank > 0):
+            raise ValueError(f"dt_rank={config.dt_rank!r}: use 'auto' (ceil(d_model / 16)) or a positive int")
+        return
+    d_inner = config.expand * d_model
+    if d_inner % config.headdim or (d_inner // config.headdim) % config.ngroups:
+        raise ValueError(
+            f"expand * d_model = {d_inner} must split into heads of headdim={config.headdim}, "
+            f"and the number of heads into ngroups={config.ngroups}"
+        )
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -75,8 +103,11 @@ def _one_of(name: str, value, allowed) -> None:
 
 
 class MLMambaTextConfig(PretrainedConfig):
-    """The Mamba-2 language model. Field names follow mamba_ssm's `MambaConfig` / `ssm_cfg`.
+    """The Mamba language model. Field names follow mamba_ssm's `MambaConfig` / `ssm_cfg`.
 
+    `ssm_layer` picks the mixer: "Mamba2" (SSD; ML-Mamba's Mamba-2 2.7B) or "Mamba1" (selective scan;
+    Cobra's and VL-Mamba's Mamba-2.8B-Zephyr). headdim, ngroups, chunk_size, A_init_range and dt_limit are
+    Mamba-2 fields; dt_rank, dt_init and dt_scale are Mamba-1 fields; the others are shared.
     `vocab_size` is the size of the embedding matrix (already padded, e.g. 50277 -> 50288).
     """
 
@@ -106,8 +137,16 @@ class MLMambaTextConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         rescale_prenorm_residual: bool = True,
         tie_word_embeddings: bool = True,
+        ssm_layer: str = "Mamba2",
+        dt_rank="auto",
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
         **kwargs,
     ):
+        self.ssm_layer = ssm_layer
+        self.dt_rank = dt_rank
+        self.dt_init = dt_init
+        self.dt_scale = dt_scale
         self.d_model = d_model
         self.n_layer = n_layer
         self.vocab_size = vocab_size
@@ -130,20 +169,17 @@ class MLMambaTextConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        d_inner = expand * d_model
-        if d_inner % headdim or (d_inner // headdim) % ngroups:
-            raise ValueError(
-                f"expand * d_model = {d_inner} must split into heads of headdim={headdim}, "
-                f"and the number of heads into ngroups={ngroups}"
-            )
+        _check_mixer_fields(self, d_model)
+        _one_of("dt_init", dt_init, ("random", "constant"))
 
     def mixer_kwargs(self) -> dict:
-        """Keyword arguments for `Mamba2Mixer`."""
+        """Keyword arguments for `Mamba2Mixer` or `Mamba1Mixer` (as `ssm_layer` says)."""
+        init = dict(dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=self.dt_init_floor)
+        if self.ssm_layer == "Mamba1":
+            return dict(_mixer_fields(self), **init, dt_init=self.dt_init, dt_scale=self.dt_scale)
         return dict(
             _mixer_fields(self),
-            dt_min=self.dt_min,
-            dt_max=self.dt_max,
-            dt_init_floor=self.dt_init_floor,
+            **init,
             A_init_range=tuple(self.A_init_range),
             dt_limit=tuple(self.dt_limit) if self.dt_limit is not None else (0.0, float("inf")),
         )
@@ -221,15 +257,24 @@ class MLMambaVisionConfig(PretrainedConfig):
 
 
 class MLMambaConnectorConfig(PretrainedConfig):
-    """Maps fused vision features (vision hidden size) to language-model embeddings.
+    """Maps fused vision features (n, grid * grid, vision hidden size) to language-model embeddings.
 
     connector_type="msc" (ML-Mamba as released):
         mlp: Linear(vision -> hidden_size) + GELU
-        MSC: `num_layers` x [x + BiMamba2(x); x + SwiGLU(LayerNorm(x))], then LayerNorm `norm_f`
+        MSC: `num_layers` x [x + Mamba2(x); x + SwiGLU(LayerNorm(x))], then LayerNorm `norm_f`
         projector: Linear(hidden -> 4 hidden) GELU Linear(4 hidden -> d_model) GELU Linear(d_model -> d_model)
-    connector_type="mlp" (Cobra): projector only, from the vision hidden size.
+    connector_type="mlp" (Cobra): that projector only, from the vision hidden size.
+    VL-Mamba's MultiModal Connectors (no code was released; this is our reading of the paper):
+        "mlp2x":   Linear(vision -> d_model) GELU Linear(d_model -> d_model)
+        "vss-mlp": VSS on the vision features (at the vision width), then the "mlp2x" layers
+        "vss-l2":  mlp: Linear(vision -> hidden_size) + GELU, VSS (at hidden_size), projector: Linear(hidden -> d_model):
+                   the VSS sits between the two linear layers
+        VSS (Vision Selective Scan): `num_layers` x [x + Mixer(LayerNorm(x))], then LayerNorm `norm_f`.
 
-    `hidden_size` defaults to the language model width. Mixer fields as in MLMambaTextConfig.
+    `scan`: how MSC and VSS mixers visit the patch grid: "bidirectional" (BSM: the flattened grid forward
+    and backward, as ML-Mamba released) or "cross" (CSM: rows and columns, each both ways).
+    `ssm_layer`: the scan's mixer, "Mamba2" (MSC always) or "Mamba1" (VL-Mamba's VSS). Other mixer fields
+    as in MLMambaTextConfig. `hidden_size` defaults to the language model width.
     """
 
     model_type = "mlmamba_connector"
@@ -251,8 +296,12 @@ class MLMambaConnectorConfig(PretrainedConfig):
         norm_epsilon: float = 1e-5,
         layer_norm_epsilon: float = 1e-5,
         projector_expand: int = 4,
+        ssm_layer: str = "Mamba2",
+        dt_rank="auto",
         **kwargs,
     ):
+        self.ssm_layer = ssm_layer
+        self.dt_rank = dt_rank
         self.connector_type = connector_type
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -270,15 +319,28 @@ class MLMambaConnectorConfig(PretrainedConfig):
         self.projector_expand = projector_expand
         super().__init__(**kwargs)
         _one_of("connector_type", connector_type, CONNECTOR_TYPES)
-        _one_of("scan", scan, MSC_SCANS)
+        _one_of("scan", scan, CONNECTOR_SCANS)
+        _one_of("ssm_layer", ssm_layer, SSM_LAYERS)
+        if connector_type == "msc" and ssm_layer != "Mamba2":
+            raise ValueError('the MSC is a Mamba-2 scan connector: use ssm_layer="Mamba2", or connector_type="vss-l2" / "vss-mlp" for a Mamba-1 scan')
+
+    @property
+    def scans_image(self) -> bool:
+        """Whether the connector has a scan module (MSC or VSS), and so mixer parameters."""
+        return self.connector_type in ("msc", "vss-mlp", "vss-l2")
+
+    def scan_width(self, vision_hidden: int) -> int:
+        """Channels the scan runs at: the vision features' for "vss-mlp", `hidden_size` otherwise."""
+        return vision_hidden if self.connector_type == "vss-mlp" else self.hidden_size
 
     def mixer_kwargs(self) -> dict:
-        return _mixer_fields(self)
+        return dict(_mixer_fields(self), scan=self.scan)
 
 
 class MLMambaConfig(PretrainedConfig):
-    """ML-Mamba: vision encoder(s) -> connector -> Mamba-2 language model. The defaults are the released
-    ML-Mamba ("mlmamba+3b"): DINOv2 + SigLIP at 384 px, the MSC connector, Mamba-2 2.7B.
+    """Vision encoder(s) -> connector -> Mamba language model: ML-Mamba, Cobra and VL-Mamba (see `presets`).
+    The defaults are the released ML-Mamba ("mlmamba+3b"): DINOv2 + SigLIP at 384 px, the MSC connector,
+    Mamba-2 2.7B.
 
     Args:
         vision_config, connector_config, text_config: dicts or config objects (see the classes above).
@@ -311,6 +373,8 @@ class MLMambaConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.freeze_vision_tower = freeze_vision_tower
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        if self.connector_config.scans_image:
+            _check_mixer_fields(self.connector_config, self.connector_config.scan_width(self.vision_config.hidden_size))
         if not 0 <= image_token_id < self.text_config.vocab_size:
             raise ValueError(
                 f"image_token_id={image_token_id} must index the embedding matrix (vocab_size={self.text_config.vocab_size})"

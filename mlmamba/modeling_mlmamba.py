@@ -1,13 +1,15 @@
-"""ML-Mamba as a transformers model.
+"""ML-Mamba, Cobra and VL-Mamba as one transformers model.
 
     pixel_values (n_images, 3 * n_encoders, H, W)
       -> MLMambaVisionTower     transformers' SiglipVisionModel / Dinov2WithRegistersModel / CLIPVisionModel,
                                 hidden state `feature_layer`, prefix tokens dropped, fused on channels
                                 -> (n_images, num_image_tokens, vision_hidden)
-      -> MLMambaConnector       "msc": mlp -> MSC (bidirectional Mamba-2 scan connector) -> projector
+      -> MLMambaConnector       "msc" (ML-Mamba): mlp -> MSC (Mamba-2 scan connector) -> projector
+                                "mlp" (Cobra): projector
+                                "mlp2x" / "vss-mlp" / "vss-l2" (VL-Mamba): linear layers and a VSS
                                 -> (n_images, num_image_tokens, d_model)
       -> replaces the `<image>` placeholder embeddings in the text
-      -> MLMambaLanguageModel   Mamba-2 blocks (mamba_ssm layout: embedding, layers.N.{norm,mixer}, norm_f)
+      -> MLMambaLanguageModel   Mamba-2 or Mamba-1 blocks (mamba_ssm layout: embedding, layers.N.{norm,mixer}, norm_f)
       -> lm_head (tied to the embedding) -> logits
 
 Decoding keeps an `MLMambaCache`: per layer a conv state and an SSM state, constant in sequence length.
@@ -31,7 +33,10 @@ except ImportError:  # transformers 4
 import transformers
 
 from .configuration_mlmamba import MLMambaConfig, MLMambaConnectorConfig, MLMambaTextConfig, MLMambaVisionConfig
+from .mamba1_mixer import Mamba1Mixer
 from .mamba2_mixer import Mamba2Mixer, RMSNorm
+
+MIXERS = {"Mamba2": Mamba2Mixer, "Mamba1": Mamba1Mixer}  # by config.ssm_layer
 
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 # The name generate() keeps the state cache under in its model kwargs: "cache" since transformers 5.24,
@@ -51,8 +56,9 @@ GENERATE_CACHE_KEY = "cache" if "cache" in _ALL_CACHE_NAMES else "cache_params"
 class MLMambaCache:
     """Decoding state of the language model, constant in sequence length.
 
-    Per layer: `conv_states[i]` (batch, conv_dim, d_conv) in the model dtype and
-    `ssm_states[i]` (batch, nheads, headdim, d_state) in `ssm_state_dtype` (fp32 by default).
+    Per layer: `conv_states[i]` in the model dtype and `ssm_states[i]` in `ssm_state_dtype` (fp32 by default):
+        Mamba-2: (batch, conv_dim, d_conv) and (batch, nheads, headdim, d_state)
+        Mamba-1: (batch, d_inner, d_conv) and (batch, d_inner, d_state)
     `seqlen_offset` counts the positions consumed so far.
     """
 
@@ -67,14 +73,16 @@ class MLMambaCache:
         ssm_state_dtype: torch.dtype = torch.float32,
     ):
         d_inner = config.expand * config.d_model
-        conv_dim = d_inner + 2 * config.ngroups * config.d_state
-        nheads = d_inner // config.headdim
+        if config.ssm_layer == "Mamba1":
+            conv_shape, ssm_shape = (d_inner, config.d_conv), (d_inner, config.d_state)
+        else:
+            conv_dim = d_inner + 2 * config.ngroups * config.d_state
+            conv_shape, ssm_shape = (conv_dim, config.d_conv), (d_inner // config.headdim, config.headdim, config.d_state)
         self.conv_states = [
-            torch.zeros(batch_size, conv_dim, config.d_conv, dtype=dtype, device=device) for _ in range(config.n_layer)
+            torch.zeros(batch_size, *conv_shape, dtype=dtype, device=device) for _ in range(config.n_layer)
         ]
         self.ssm_states = [
-            torch.zeros(batch_size, nheads, config.headdim, config.d_state, dtype=ssm_state_dtype, device=device)
-            for _ in range(config.n_layer)
+            torch.zeros(batch_size, *ssm_shape, dtype=ssm_state_dtype, device=device) for _ in range(config.n_layer)
         ]
         self.seqlen_offset = 0
         self.prompt_in_embeds = False  # prefill consumed inputs_embeds that input_ids do not repeat
@@ -234,31 +242,48 @@ class SwiGLU(nn.Module):
 
 
 class MSCLayer(GradientCheckpointingLayer):
-    """x = x + BiMamba2(x); x = x + SwiGLU(LayerNorm(x))."""
+    """x = x + Mamba2(x) (bidirectional or cross scan, no norm before it, as released); x = x + SwiGLU(LayerNorm(x))."""
 
-    def __init__(self, config: MLMambaConnectorConfig):
+    def __init__(self, config: MLMambaConnectorConfig, width: int):
         super().__init__()
-        d = config.hidden_size
-        self.mixer = Mamba2Mixer(d, scan="bidirectional", **config.mixer_kwargs())
-        self.norm = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
-        self.mlp = SwiGLU(d, d)
+        self.mixer = Mamba2Mixer(width, **config.mixer_kwargs())
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_epsilon)
+        self.mlp = SwiGLU(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(x)
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = x + self.mixer(x, grid=grid)
         return x + self.mlp(self.norm(x))
 
 
-class MambaScanConnector(nn.Module):
-    """MSC, released as "Bidirectional_Mamba": a stack of MSCLayer and a final LayerNorm. (n, l, d) -> (n, l, d)."""
+class VSSLayer(GradientCheckpointingLayer):
+    """VL-Mamba's Vision Selective Scan block (pre-norm, as VMamba's VSS block): x = x + Mixer(LayerNorm(x)),
+    the mixer a Mamba-1 or Mamba-2 mixer scanning the grid with BSM ("bidirectional") or CSM ("cross")."""
 
-    def __init__(self, config: MLMambaConnectorConfig):
+    def __init__(self, config: MLMambaConnectorConfig, width: int):
         super().__init__()
-        self.layers = nn.ModuleList([MSCLayer(config) for _ in range(config.num_layers)])
-        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_epsilon)
+        self.mixer = MIXERS[config.ssm_layer](width, **config.mixer_kwargs())
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), grid=grid)
+
+
+class ScanConnector(nn.Module):
+    """A stack of scan layers over the patch grid and a final LayerNorm: (n, h * w, d) -> (n, h * w, d).
+
+    MSC (ML-Mamba's Mamba-2 Scan Connector, released as "Bidirectional_Mamba") stacks `MSCLayer`s;
+    VSS (VL-Mamba's Vision Selective Scan) stacks `VSSLayer`s. Tokens arrive row-major over the grid.
+    """
+
+    def __init__(self, layer_cls, config: MLMambaConnectorConfig, width: int, grid: tuple[int, int]):
+        super().__init__()
+        self.grid = grid
+        self.layers = nn.ModuleList([layer_cls(config, width) for _ in range(config.num_layers)])
+        self.norm_f = nn.LayerNorm(width, eps=config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, self.grid)
         return self.norm_f(x)
 
 
@@ -273,22 +298,47 @@ def fused_mlp_projector(in_dim: int, out_dim: int, expand: int) -> nn.Sequential
     )
 
 
-class MLMambaConnector(nn.Module):
-    """(n, num_image_tokens, vision_hidden) -> (n, num_image_tokens, d_model)."""
+def mlp2x_projector(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear(in -> out) GELU Linear(out -> out) (LLaVA-1.5's "mlp2x_gelu", VL-Mamba's MLP connector)."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
-    def __init__(self, config: MLMambaConnectorConfig, vision_hidden: int, d_model: int):
+
+class MLMambaConnector(nn.Module):
+    """(n, grid * grid, vision_hidden) -> (n, grid * grid, d_model). Submodules by connector type, in order:
+
+        "msc"      mlp (Linear + GELU), msc (MSC), projector (fused 3-layer MLP)      ML-Mamba
+        "mlp"      projector (fused 3-layer MLP)                                     Cobra
+        "mlp2x"    projector (Linear GELU Linear)                                    VL-Mamba "MLP"
+        "vss-mlp"  vss (VSS at the vision width), projector (Linear GELU Linear)     VL-Mamba "VSS-MLP"
+        "vss-l2"   mlp (Linear + GELU), vss (VSS), projector (Linear)                VL-Mamba "VSS-L2"
+    """
+
+    def __init__(self, config: MLMambaConnectorConfig, vision_hidden: int, d_model: int, grid: tuple[int, int]):
         super().__init__()
-        self.connector_type = config.connector_type
-        if config.connector_type == "msc":
-            self.mlp = nn.Sequential(nn.Linear(vision_hidden, config.hidden_size), nn.GELU())
-            self.msc = MambaScanConnector(config)
-            self.projector = fused_mlp_projector(config.hidden_size, d_model, config.projector_expand)
-        else:
+        kind = self.connector_type = config.connector_type
+        width = config.scan_width(vision_hidden)
+        if kind in ("msc", "vss-l2"):
+            self.mlp = nn.Sequential(nn.Linear(vision_hidden, width), nn.GELU())
+        if kind == "msc":
+            self.msc = ScanConnector(MSCLayer, config, width, grid)
+        elif kind in ("vss-mlp", "vss-l2"):
+            self.vss = ScanConnector(VSSLayer, config, width, grid)
+        if kind == "msc":
+            self.projector = fused_mlp_projector(width, d_model, config.projector_expand)
+        elif kind == "mlp":
             self.projector = fused_mlp_projector(vision_hidden, d_model, config.projector_expand)
+        elif kind == "vss-l2":
+            self.projector = nn.Linear(width, d_model)
+        else:  # "mlp2x", "vss-mlp"
+            self.projector = mlp2x_projector(vision_hidden, d_model)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.connector_type == "msc":
-            features = self.msc(self.mlp(features))
+        if hasattr(self, "mlp"):
+            features = self.mlp(features)
+        if hasattr(self, "msc"):
+            features = self.msc(features)
+        if hasattr(self, "vss"):
+            features = self.vss(features)
         return self.projector(features)
 
 
@@ -307,7 +357,7 @@ class MLMambaBlock(GradientCheckpointingLayer):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon)
-        self.mixer = Mamba2Mixer(config.d_model, **config.mixer_kwargs())
+        self.mixer = MIXERS[config.ssm_layer](config.d_model, **config.mixer_kwargs())
 
     def forward(self, hidden_states, residual=None, attention_mask=None, conv_state=None, ssm_state=None):
         residual = hidden_states if residual is None else residual + hidden_states
@@ -318,7 +368,7 @@ class MLMambaBlock(GradientCheckpointingLayer):
 
 
 class MLMambaLanguageModel(nn.Module):
-    """Mamba-2 backbone without head (mamba_ssm's `MixerModel`): (b, l, d_model) embeddings -> hidden states."""
+    """Mamba-2 or Mamba-1 backbone without head (mamba_ssm's `MixerModel`): (b, l, d_model) embeddings -> hidden states."""
 
     def __init__(self, config: MLMambaTextConfig):
         super().__init__()
@@ -435,6 +485,23 @@ class MLMambaPreTrainedModel(PreTrainedModel):
                 init.copy_(dt_bias, dt + torch.log(-torch.expm1(-dt)))
                 init.copy_(A_log, torch.log(torch.empty(module.nheads, device=A_log.device).uniform_(*module.A_init_range)))
                 init.ones_(D)
+        elif isinstance(module, Mamba1Mixer):
+            # mamba_simple's init; runs after the generic Linear init of dt_proj below (children come first)
+            for suffix in module.route_suffixes:
+                dt_proj, A_log, D = (getattr(module, n + suffix) for n in ("dt_proj", "A_log", "D"))
+                dt_std = module.dt_rank**-0.5 * module.dt_scale
+                if module.dt_init == "constant":
+                    init.constant_(dt_proj.weight, dt_std)
+                else:
+                    init.uniform_(dt_proj.weight, -dt_std, dt_std)
+                log_dt = torch.rand(module.d_inner, device=dt_proj.bias.device) * (
+                    math.log(module.dt_max) - math.log(module.dt_min)
+                ) + math.log(module.dt_min)
+                dt = torch.exp(log_dt).clamp(min=module.dt_init_floor)
+                init.copy_(dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))
+                A = torch.arange(1, module.d_state + 1, dtype=torch.float32, device=A_log.device)
+                init.copy_(A_log, torch.log(A).expand(module.d_inner, -1))  # S4D-real: A = -(1, ..., d_state)
+                init.ones_(D)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -460,8 +527,9 @@ class MLMambaModel(MLMambaPreTrainedModel):
     def __init__(self, config: MLMambaConfig):
         super().__init__(config)
         self.vision_tower = MLMambaVisionTower(config.vision_config)
+        grid = (config.vision_config.grid_size,) * 2
         self.connector = MLMambaConnector(
-            config.connector_config, config.vision_config.hidden_size, config.text_config.d_model
+            config.connector_config, config.vision_config.hidden_size, config.text_config.d_model, grid
         )
         self.language_model = MLMambaLanguageModel(config.text_config)
         self.freeze_vision_tower_if_configured()
@@ -689,8 +757,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
                 tokens in reading order (row by row).
             attention_mask: (batch, seq), 1 for tokens, 0 for left or right padding.
             labels: (batch, seq); -100 is ignored. Image token positions never carry loss.
-            cache / use_cache: the state cache for decoding (see MLMambaCache); `cache_params`, the name
-                transformers used before 5.24, is accepted too.
+            cache / use_cache: the state cache for decoding (see MLMambaCache).
             logits_to_keep: if > 0, only the logits of the last `logits_to_keep` positions are computed.
             position_ids / seq_idx / cu_seq_lens_q: padding-free (packed) batches, as TRL's collator with
                 `padding_free=True` or `packing=True` makes them: sequences back to back in a row, without an
@@ -789,7 +856,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             model_kwargs[GENERATE_CACHE_KEY] = outputs.cache
         return model_kwargs
 
-
+    def _reorder_cache(self, cache, beam_idx):
         cache.reorder_cache(beam_idx)
         return cache
 

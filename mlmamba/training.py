@@ -75,19 +75,20 @@ def sft_config(output_dir: str, **overrides):
 _MIXER_LINEARS = r"mixer\.(?:in_proj|out_proj)"
 LORA_TARGET_MODULES = (
     r"(?:.*\.)?model\.(?:"
-    rf"language_model\.layers\.\d+\.{_MIXER_LINEARS}"  # the language model's Mamba-2 mixers
+    rf"language_model\.layers\.\d+\.{_MIXER_LINEARS}"  # the language model's Mamba-2 / Mamba-1 mixers
     r"|connector\.mlp\.0"  # the connector's input Linear (vision features -> connector width)
-    rf"|connector\.msc\.layers\.\d+\.(?:{_MIXER_LINEARS}|mlp\.w[123])"  # the scan connector's mixers and SwiGLUs
+    rf"|connector\.msc\.layers\.\d+\.(?:{_MIXER_LINEARS}|mlp\.w[123])"  # MSC: mixers and SwiGLUs
+    rf"|connector\.vss\.layers\.\d+\.{_MIXER_LINEARS}"  # VSS: mixers
     r")"
 )
-LORA_PROJECTOR_TARGETS = r"|connector\.projector\.[024]"
+LORA_PROJECTOR_TARGETS = r"|connector\.projector(?:\.[024])?"  # one Linear (VSS-L2) or a Sequential's Linears
 
 
 def default_lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, train_projector: bool = True, **kwargs):
-    """A `peft.LoraConfig` for ML-Mamba.
+    """A `peft.LoraConfig` for ML-Mamba, Cobra and VL-Mamba.
 
-    LoRA adapters go on the Mamba-2 mixers' `in_proj` and `out_proj` (language model and scan connector), the
-    connector's input Linear and the scan connector's SwiGLU Linears. Never on the depthwise convs, the
+    LoRA adapters go on the mixers' `in_proj` and `out_proj` (language model, MSC or VSS), the connector's
+    input Linear and the MSC's SwiGLU Linears. Never on the depthwise convs, the
     embedding / tied `lm_head`, or the vision tower. The projector (the three Linears that map the connector
     into the language model's embedding space) is trained fully through `modules_to_save` when
     `train_projector` (the default: it is small, and it is what adapts most to new image data); otherwise it

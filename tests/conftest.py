@@ -34,3 +34,33 @@ def chat_inputs(processor, question: str, image=None, answer: str | None = None,
         generation_prompt = False
     prompt = processor.apply_chat_template(messages, add_generation_prompt=generation_prompt)
     return processor(images=image, text=prompt)
+
+
+FAMILIES = ["mlmamba-tiny", "cobra-tiny", "vlmamba-tiny"]  # Mamba-2 + MSC, Mamba-1 + MLP, Mamba-1 + VSS (CSM)
+
+
+@torch.no_grad()
+def spread_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Redraw every weight of `module` at unit scale (norm weights around 1). Initial weights are so small
+    that the outputs barely depend on the mixers and images, and a comparison would prove little."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        scale = 1 / p.shape[-1] ** 0.5 if p.ndim == 2 else 0.5
+        p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+    return module
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    """Each model family at its tiny size, with language model and connector weights at unit scale."""
+    model, processor = random_model(request.param, seed=0)
+    spread_weights(model.model.language_model, seed=1)
+    spread_weights(model.model.connector, seed=2)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def family_folder(family, tmp_path_factory):
+    """`family` saved as a complete model folder."""
+    model, processor = family
+    return save_folder(model, processor, tmp_path_factory.mktemp("family"))

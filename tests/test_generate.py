@@ -1,4 +1,7 @@
-"""generate() with the state cache: equal to recomputing everything, batch equal to one by one."""
+"""generate() with the state cache: equal to recomputing everything, batch equal to one by one.
+
+Every test runs for each model family (`family` in conftest): ML-Mamba (Mamba-2 + MSC), Cobra (Mamba-1 +
+MLP projector) and VL-Mamba (Mamba-1 + VSS with the cross scan)."""
 
 import pytest
 import torch
@@ -14,8 +17,8 @@ GREEDY = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
 
 
 @torch.no_grad()
-def test_cached_greedy_equals_recomputing_the_whole_sequence(tiny):
-    model, processor = tiny
+def test_cached_greedy_equals_recomputing_the_whole_sequence(family):
+    model, processor = family
     inputs = chat_inputs(processor, "Which digit is this?", make_image(0))
     cached = model.generate(**inputs, **GREEDY)
     uncached = model.generate(**inputs, **GREEDY, use_cache=False)
@@ -24,8 +27,8 @@ def test_cached_greedy_equals_recomputing_the_whole_sequence(tiny):
 
 
 @torch.no_grad()
-def test_cached_sampling_equals_uncached_with_the_same_seed(tiny):
-    model, processor = tiny
+def test_cached_sampling_equals_uncached_with_the_same_seed(family):
+    model, processor = family
     inputs = chat_inputs(processor, "Describe the image.", make_image(1))
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, eos_token_id=None)
     torch.manual_seed(3)
@@ -36,8 +39,8 @@ def test_cached_sampling_equals_uncached_with_the_same_seed(tiny):
 
 
 @torch.no_grad()
-def test_left_padded_batch_equals_each_prompt_alone(tiny):
-    model, processor = tiny
+def test_left_padded_batch_equals_each_prompt_alone(family):
+    model, processor = family
     questions = ["Which digit is this?", "What?", "Describe the image in detail, please."]
     images = [make_image(i) for i in range(3)]
     prompts = [_prompt(processor, q) for q in questions]
@@ -52,16 +55,16 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny):
 
 
 @torch.no_grad()
-def test_beam_search_with_cache_equals_without(tiny):
-    model, processor = tiny
+def test_beam_search_with_cache_equals_without(family):
+    model, processor = family
     inputs = chat_inputs(processor, "Which digit is this?", make_image(4))
     kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
     torch.testing.assert_close(model.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs, use_cache=False))
 
 
 @torch.no_grad()
-def test_the_state_cache_is_constant_in_sequence_length(tiny):
-    model, processor = tiny
+def test_the_state_cache_is_constant_in_sequence_length(family):
+    model, processor = family
     caches = []
     for n_words in (2, 60):
         inputs = chat_inputs(processor, " ".join(["word"] * n_words), make_image(5))
@@ -73,8 +76,8 @@ def test_the_state_cache_is_constant_in_sequence_length(tiny):
 
 
 @torch.no_grad()
-def test_images_are_used_at_prefill_only(tiny, monkeypatch):
-    model, processor = tiny
+def test_images_are_used_at_prefill_only(family, monkeypatch):
+    model, processor = family
     calls = []
     original = model.model.vision_tower.forward
     monkeypatch.setattr(model.model.vision_tower, "forward", lambda pv: calls.append(pv.shape) or original(pv))
@@ -84,9 +87,9 @@ def test_images_are_used_at_prefill_only(tiny, monkeypatch):
 
 
 @torch.no_grad()
-def test_prefix_reuse_equals_full_recomputation(tiny, monkeypatch):
+def test_prefix_reuse_equals_full_recomputation(family, monkeypatch):
     """Prefill image + system prompt once; answer several questions from copies of that state."""
-    model, processor = tiny
+    model, processor = family
     image = make_image(7)
     system = [{"role": "system", "content": "You answer questions about one picture."}]
     prefix_text = processor.apply_chat_template(
@@ -118,8 +121,8 @@ def test_prefix_reuse_equals_full_recomputation(tiny, monkeypatch):
 
 
 @torch.no_grad()
-def test_right_padded_prefill_leaves_each_rows_state_as_alone(tiny):
-    model, processor = tiny
+def test_right_padded_prefill_leaves_each_rows_state_as_alone(family):
+    model, processor = family
     processor_right = type(processor)(processor.image_processor, processor.tokenizer, chat_template=processor.chat_template)
     texts = ["<image>Which digit is this?", "<image>What?"]
     images = [make_image(8), make_image(9)]
@@ -134,5 +137,51 @@ def test_right_padded_prefill_leaves_each_rows_state_as_alone(tiny):
     for i in range(2):
         alone = model(**processor(images=images[i], text=texts[i]), use_cache=True).cache
         for layer in range(len(cache.conv_states)):
-            torch.testing.assert_close(cache.conv_states[layer][i], alone.conv_states[layer][0], atol=1e-6, rtol=1e-5)
-            torch.testing.assert_close(cache.ssm_states[layer][i], alone.ssm_states[layer][0], atol=1e-5, rtol=1e-5)
+            # float rounding of batched vs single-row matmuls, relative to the states' magnitude
+            conv, ssm = alone.conv_states[layer][0], alone.ssm_states[layer][0]
+            torch.testing.assert_close(cache.conv_states[layer][i], conv, atol=1e-6 * conv.abs().max(), rtol=1e-5)
+            torch.testing.assert_close(cache.ssm_states[layer][i], ssm, atol=1e-5 * ssm.abs().max(), rtol=1e-5)
+
+
+@torch.no_grad()
+def test_streamers_repetition_penalty_stop_strings_and_eos_lists(family):
+    """The generate() options of a chat UI: cached equals uncached, and the streamers see exactly the output."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer, TextStreamer
+
+    model, processor = family
+    inputs = chat_inputs(processor, "Describe the image.", make_image(10))
+    n = inputs["input_ids"].shape[1]
+    penalised = dict(GREEDY, repetition_penalty=1.5)
+    out = model.generate(**inputs, **penalised)
+    torch.testing.assert_close(out, model.generate(**inputs, **penalised, use_cache=False))
+    text = processor.tokenizer.decode(out[0, n:], skip_special_tokens=True)
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = Thread(target=model.generate, kwargs=dict(inputs, streamer=streamer, **penalised))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed == text
+
+    printed = []
+    printer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    printer.on_finalized_text = lambda chunk, stream_end=False: printed.append(chunk)
+    model.generate(**inputs, streamer=printer, **penalised)
+    assert "".join(printed) == text
+
+    # A list of eos ids: generation stops at the first of them that is produced.
+    stop_id = int(out[0, n + 3])
+    stopped = model.generate(**inputs, **dict(penalised, eos_token_id=[stop_id, 10**6 % model.config.vocab_size]))
+    assert stopped.shape[1] <= n + 4 and int(stopped[0, -1]) == stop_id
+
+    # A stop string: generation stops once the decoded text contains it.
+    words = text.strip().split()
+    if words:
+        stop = words[0][:2] if len(words[0]) > 1 else words[0]
+        early = model.generate(
+            **inputs, **dict(penalised, max_new_tokens=40), stop_strings=[stop], tokenizer=processor.tokenizer
+        )
+        tail = processor.tokenizer.decode(early[0, n:], skip_special_tokens=True)
+        assert stop in tail and early.shape[1] <= out.shape[1]

@@ -206,7 +206,7 @@ def test_wrong_pixel_values_and_image_types(tiny):
 
 def test_unknown_config_values_are_refused():
     base = PRESETS["mlmamba-tiny"]()
-    with pytest.raises(ValueError, match=r"connector_type='transformer' is not supported; use one of \['msc', 'mlp'\]"):
+    with pytest.raises(ValueError, match=r"connector_type='transformer' is not supported; use one of \['msc', 'mlp', 'mlp2x', 'vss-mlp', 'vss-l2'\]"):
         MLMambaConfig(**{**base, "connector_config": {"connector_type": "transformer"}})
     with pytest.raises(ValueError, match="scan='zigzag' is not supported"):
         MLMambaConfig(**{**base, "connector_config": {"scan": "zigzag"}})

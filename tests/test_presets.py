@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
+from conftest import FAMILIES
 
 from mlmamba import MLMambaForConditionalGeneration
 from mlmamba.presets import get_preset
@@ -53,10 +55,76 @@ def test_mlmamba_3b_has_the_released_shapes():
     assert model.config.num_image_tokens == 729
 
 
-def test_convert_command_writes_a_loadable_folder(tmp_path):
+MAMBA1_2_8B_LAYER = {  # state-spaces/mamba-2.8b's (and mamba-2.8b-zephyr's) block, mamba_simple names
+    "model.language_model.layers.63.mixer.in_proj.weight": (2 * 5120, 2560),
+    "model.language_model.layers.63.mixer.conv1d.weight": (5120, 1, 4),
+    "model.language_model.layers.63.mixer.conv1d.bias": (5120,),
+    "model.language_model.layers.63.mixer.x_proj.weight": (160 + 2 * 16, 5120),
+    "model.language_model.layers.63.mixer.dt_proj.weight": (5120, 160),
+    "model.language_model.layers.63.mixer.dt_proj.bias": (5120,),
+    "model.language_model.layers.63.mixer.A_log": (5120, 16),
+    "model.language_model.layers.63.mixer.D": (5120,),
+    "model.language_model.layers.63.mixer.out_proj.weight": (2560, 5120),
+    "model.language_model.layers.63.norm.weight": (2560,),
+    "model.language_model.embedding.weight": (50280, 2560),
+    "model.language_model.norm_f.weight": (2560,),
+}
+
+
+def _shapes_on_meta(name):
+    with torch.device("meta"):
+        model = MLMambaForConditionalGeneration(get_preset(name))
+    return model, {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def test_cobra_3b_has_the_released_shapes():
+    model, shapes = _shapes_on_meta("cobra-3b")
+    expected = dict(
+        MAMBA1_2_8B_LAYER,
+        **{  # prismatic's FusedMLPProjector from the fused DINOv2 + SigLIP features
+            "model.connector.projector.0.weight": (8704, 2176),
+            "model.connector.projector.2.weight": (2560, 8704),
+            "model.connector.projector.4.weight": (2560, 2560),
+            "model.vision_tower.encoders.0.embeddings.position_embeddings": (1, 1 + 27 * 27, 1024),
+        },
+    )
+    for name, shape in expected.items():
+        assert shapes.get(name) == shape, (name, shapes.get(name), shape)
+    assert not any(n.startswith(("model.connector.mlp", "model.connector.msc", "model.connector.vss")) for n in shapes)
+    lm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.language_model."))
+    assert 2.7e9 < lm < 2.8e9, lm  # "mamba-2.8b"
+    assert model.config.num_image_tokens == 729
+
+
+def test_vlmamba_3b_has_the_paper_shapes():
+    model, shapes = _shapes_on_meta("vlmamba-3b")
+    expected = dict(
+        MAMBA1_2_8B_LAYER,
+        **{
+            # CLIP ViT-L/14 at 336 px: 24 x 24 patches + CLS
+            "model.vision_tower.encoders.0.embeddings.position_embedding.weight": (577, 1024),
+            # VSS-L2: Linear + GELU, VSS (CSM: four routes of Mamba-1 parameters) at the LM width, Linear
+            "model.connector.mlp.0.weight": (2560, 1024),
+            "model.connector.vss.layers.0.norm.weight": (2560,),
+            "model.connector.vss.layers.0.mixer.in_proj.weight": (2 * 5120, 2560),
+            "model.connector.vss.layers.0.mixer.x_proj_c_b.weight": (160 + 2 * 16, 5120),
+            "model.connector.vss.layers.0.mixer.A_log_c": (5120, 16),
+            "model.connector.vss.layers.0.mixer.conv1d_b.weight": (5120, 1, 4),
+            "model.connector.vss.norm_f.weight": (2560,),
+            "model.connector.projector.weight": (2560, 2560),
+        },
+    )
+    for name, shape in expected.items():
+        assert shapes.get(name) == shape, (name, shapes.get(name), shape)
+    assert model.config.num_image_tokens == 576
+    assert len(model.model.vision_tower.encoders) == 1
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_convert_command_writes_a_loadable_folder(preset, tmp_path):
     out = tmp_path / "tiny"
     run = subprocess.run(
-        [sys.executable, "-m", "mlmamba.convert", "--random", "--preset", "mlmamba-tiny", "--output", str(out)],
+        [sys.executable, "-m", "mlmamba.convert", "--random", "--preset", preset, "--output", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

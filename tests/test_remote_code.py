@@ -43,15 +43,15 @@ _LOADER = textwrap.dedent(
 )
 
 
-def test_folder_loads_without_the_package(tiny, tiny_folder, tmp_path):
-    model, processor = tiny
-    files = {p.name for p in tiny_folder.iterdir()}
+def test_folder_loads_without_the_package(family, family_folder, tmp_path):
+    model, processor = family
+    files = {p.name for p in family_folder.iterdir()}
     for name in (
-        "config.json", "model.safetensors", "configuration_mlmamba.py", "modeling_mlmamba.py", "mamba2_mixer.py",
+        "config.json", "model.safetensors", "configuration_mlmamba.py", "modeling_mlmamba.py", "mamba2_mixer.py", "mamba1_mixer.py",
         "processing_mlmamba.py", "chat_template.jinja", "tokenizer.json", "processor_config.json",
     ):
         assert name in files, name
-    auto_map = json.loads((tiny_folder / "config.json").read_text())["auto_map"]
+    auto_map = json.loads((family_folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == auto_map["AutoModelForVision2Seq"]
 
     image = make_image(11)
@@ -62,7 +62,7 @@ def test_folder_loads_without_the_package(tiny, tiny_folder, tmp_path):
     script = tmp_path / "load.py"
     script.write_text(_LOADER)
     run = subprocess.run(
-        [sys.executable, str(script), str(tiny_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), str(image_path)],
+        [sys.executable, str(script), str(family_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), str(image_path)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]

@@ -40,8 +40,8 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not PYTHON4, reason="set MLMAMBA_TRANSFORMERS4_PYTHON to a transformers 4.57 venv's python")
-def test_transformers4_loads_and_generates_the_same(tiny, tiny_folder, tmp_path):
-    model, processor = tiny
+def test_transformers4_loads_and_generates_the_same(family, family_folder, tmp_path):
+    model, processor = family
     image = make_image(12)
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit is this?"}]}],
@@ -53,7 +53,7 @@ def test_transformers4_loads_and_generates_the_same(tiny, tiny_folder, tmp_path)
     torch.save({**inputs, "image_array": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), "prompt": prompt},
                tmp_path / "inputs.pt")
     (tmp_path / "run.py").write_text(_SCRIPT)
-    run = subprocess.run([PYTHON4, str(tmp_path / "run.py"), str(tiny_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+    run = subprocess.run([PYTHON4, str(tmp_path / "run.py"), str(family_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["transformers"].startswith("4.")
