@@ -11,11 +11,35 @@ from conftest import FAMILIES
 from mlmamba import MLMambaForConditionalGeneration
 from mlmamba.presets import get_preset
 
+MAMBA1_2_8B_LAYER = {  # state-spaces/mamba-2.8b's (and mamba-2.8b-zephyr's) block, mamba_simple names
+    "model.language_model.layers.63.mixer.in_proj.weight": (2 * 5120, 2560),
+    "model.language_model.layers.63.mixer.conv1d.weight": (5120, 1, 4),
+    "model.language_model.layers.63.mixer.conv1d.bias": (5120,),
+    "model.language_model.layers.63.mixer.x_proj.weight": (160 + 2 * 16, 5120),
+    "model.language_model.layers.63.mixer.dt_proj.weight": (5120, 160),
+    "model.language_model.layers.63.mixer.dt_proj.bias": (5120,),
+    "model.language_model.layers.63.mixer.A_log": (5120, 16),
+    "model.language_model.layers.63.mixer.D": (5120,),
+    "model.language_model.layers.63.mixer.out_proj.weight": (2560, 5120),
+    "model.language_model.layers.63.norm.weight": (2560,),
+    "model.language_model.embedding.weight": (50280, 2560),
+    "model.language_model.norm_f.weight": (2560,),
+}
+
+
+def _assert_shapes(shapes: dict, expected: dict) -> None:
+    wrong = {name: (shapes.get(name), shape) for name, shape in expected.items() if shapes.get(name) != shape}
+    assert not wrong, wrong  # name: (built, expected)
+
+
+def _shapes_on_meta(name):
+    with torch.device("meta"):
+        model = MLMambaForConditionalGeneration(get_preset(name))
+    return model, {n: tuple(p.shape) for n, p in model.named_parameters()}
+
 
 def test_mlmamba_3b_has_the_released_shapes():
-    with torch.device("meta"):
-        model = MLMambaForConditionalGeneration(get_preset("mlmamba-3b"))
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    model, shapes = _shapes_on_meta("mlmamba-3b")
     expected = {
         # language model, mamba_ssm names under model.language_model
         "model.language_model.embedding.weight": (50288, 2560),
@@ -47,34 +71,11 @@ def test_mlmamba_3b_has_the_released_shapes():
         "model.vision_tower.encoders.0.embeddings.register_tokens": (1, 4, 1024),
         "model.vision_tower.encoders.1.embeddings.position_embedding.weight": (729, 1152),
     }
-    for name, shape in expected.items():
-        assert shapes.get(name) == shape, (name, shapes.get(name), shape)
+    _assert_shapes(shapes, expected)
     assert not any(n.startswith("model.connector.msc.layers.2.") for n in shapes)
     lm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.language_model."))
     assert 2.6e9 < lm < 2.8e9, lm  # "mamba2-2.7b"
     assert model.config.num_image_tokens == 729
-
-
-MAMBA1_2_8B_LAYER = {  # state-spaces/mamba-2.8b's (and mamba-2.8b-zephyr's) block, mamba_simple names
-    "model.language_model.layers.63.mixer.in_proj.weight": (2 * 5120, 2560),
-    "model.language_model.layers.63.mixer.conv1d.weight": (5120, 1, 4),
-    "model.language_model.layers.63.mixer.conv1d.bias": (5120,),
-    "model.language_model.layers.63.mixer.x_proj.weight": (160 + 2 * 16, 5120),
-    "model.language_model.layers.63.mixer.dt_proj.weight": (5120, 160),
-    "model.language_model.layers.63.mixer.dt_proj.bias": (5120,),
-    "model.language_model.layers.63.mixer.A_log": (5120, 16),
-    "model.language_model.layers.63.mixer.D": (5120,),
-    "model.language_model.layers.63.mixer.out_proj.weight": (2560, 5120),
-    "model.language_model.layers.63.norm.weight": (2560,),
-    "model.language_model.embedding.weight": (50280, 2560),
-    "model.language_model.norm_f.weight": (2560,),
-}
-
-
-def _shapes_on_meta(name):
-    with torch.device("meta"):
-        model = MLMambaForConditionalGeneration(get_preset(name))
-    return model, {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def test_cobra_3b_has_the_released_shapes():
@@ -88,8 +89,7 @@ def test_cobra_3b_has_the_released_shapes():
             "model.vision_tower.encoders.0.embeddings.position_embeddings": (1, 1 + 27 * 27, 1024),
         },
     )
-    for name, shape in expected.items():
-        assert shapes.get(name) == shape, (name, shapes.get(name), shape)
+    _assert_shapes(shapes, expected)
     assert not any(n.startswith(("model.connector.mlp", "model.connector.msc", "model.connector.vss")) for n in shapes)
     lm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.language_model."))
     assert 2.7e9 < lm < 2.8e9, lm  # "mamba-2.8b"
@@ -114,8 +114,7 @@ def test_vlmamba_3b_has_the_paper_shapes():
             "model.connector.projector.weight": (2560, 2560),
         },
     )
-    for name, shape in expected.items():
-        assert shapes.get(name) == shape, (name, shapes.get(name), shape)
+    _assert_shapes(shapes, expected)
     assert model.config.num_image_tokens == 576
     assert len(model.model.vision_tower.encoders) == 1
 
