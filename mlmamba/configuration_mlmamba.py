@@ -194,11 +194,21 @@ class MLMambaVisionConfig(PretrainedConfig):
         feature_layer: which hidden state to take (python index into `hidden_states`; -2 = the
             output of the second-to-last block, as released). Prefix tokens (CLS, registers) are dropped.
         image_mean, image_std: per encoder, the normalisation its weights were trained with.
+        image_resize_strategy: how the processor makes images square, "resize-naive" (stretch; ML-Mamba and
+            Cobra as released) or "letterbox" (pad with the mean colour first; LLaVA's "pad").
     """
 
     model_type = "mlmamba_vision"
 
-    def __init__(self, encoders=None, feature_layer: int = -2, image_mean=None, image_std=None, **kwargs):
+    def __init__(
+        self,
+        encoders=None,
+        feature_layer: int = -2,
+        image_mean=None,
+        image_std=None,
+        image_resize_strategy: str = "resize-naive",
+        **kwargs,
+    ):
         if encoders is None:  # as released: DINOv2-L/14 with registers + SigLIP-SO400M/14, at 384 px
             encoders = [DINOV2_L14_REG4_384, SIGLIP_SO400M_14_384]
             image_mean = image_mean or [IMAGENET_MEAN, SIGLIP_MEAN]
@@ -207,9 +217,11 @@ class MLMambaVisionConfig(PretrainedConfig):
             raise ValueError("MLMambaVisionConfig needs `encoders`: a list of one or two vision config dicts")
         self.encoders = [e.to_dict() if isinstance(e, PretrainedConfig) else dict(e) for e in encoders]
         self.feature_layer = feature_layer
+        self.image_resize_strategy = image_resize_strategy
         self.image_mean = [list(m) for m in image_mean] if image_mean is not None else [[0.5, 0.5, 0.5]] * len(self.encoders)
         self.image_std = [list(s) for s in image_std] if image_std is not None else [[0.5, 0.5, 0.5]] * len(self.encoders)
         super().__init__(**kwargs)
+        _one_of("image_resize_strategy", image_resize_strategy, ("resize-naive", "letterbox"))
         for enc in self.encoders:
             _one_of("vision encoder model_type", enc.get("model_type"), SUPPORTED_VISION_ENCODERS)
         if not (len(self.image_mean) == len(self.image_std) == len(self.encoders)):

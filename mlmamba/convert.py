@@ -50,6 +50,7 @@ def build_processor(config, tokenizer) -> MLMambaProcessor:
         patch_size=vision.patch_size,
         image_mean=vision.image_mean,
         image_std=vision.image_std,
+        resize_strategy=vision.image_resize_strategy,
     )
     return MLMambaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 

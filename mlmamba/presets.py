@@ -87,7 +87,10 @@ def _cobra_tiny() -> dict:
 def _vlmamba_3b() -> dict:
     # VSS-L2 with CSM at the LM width; Mamba-1 scan mixers as VMamba's SS2D (d_state 16, expand 2).
     return dict(
-        vision_config=dict(encoders=[CLIP_L14_336], feature_layer=-2, image_mean=[CLIP_MEAN], image_std=[CLIP_STD]),
+        vision_config=dict(
+            encoders=[CLIP_L14_336], feature_layer=-2, image_mean=[CLIP_MEAN], image_std=[CLIP_STD],
+            image_resize_strategy="letterbox",  # LLaVA-1.5's "pad", which VL-Mamba trains with
+        ),
         connector_config=dict(connector_type="vss-l2", scan="cross", ssm_layer="Mamba1", num_layers=1, d_state=16, expand=2),
         text_config=MAMBA1_2_8B,
         image_token_id=50277,
@@ -98,7 +101,9 @@ def _vlmamba_tiny() -> dict:
     # 56 px / 14 px patches -> a 4 x 4 grid, so that rows and columns differ in the cross scan.
     clip = dict(CLIP_L14_336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56)
     return dict(
-        vision_config=dict(encoders=[clip], feature_layer=-2, image_mean=[CLIP_MEAN], image_std=[CLIP_STD]),
+        vision_config=dict(
+            encoders=[clip], feature_layer=-2, image_mean=[CLIP_MEAN], image_std=[CLIP_STD], image_resize_strategy="letterbox"
+        ),
         connector_config=dict(connector_type="vss-l2", scan="cross", ssm_layer="Mamba1", num_layers=1, d_state=8, expand=2),
         text_config=dict(TINY_TEXT, ssm_layer="Mamba1"),
         image_token_id=512,

@@ -1,8 +1,11 @@
 """Image + text processing for ML-Mamba.
 
-MLMambaImageProcessor: "resize-naive" as released: each image is resized (bicubic, no crop) to
-    image_size x image_size, scaled to [0, 1] and normalised once per vision encoder with that
-    encoder's mean/std; the results are stacked on channels -> pixel_values (n, 3 * n_encoders, S, S).
+MLMambaImageProcessor: each image is made square and resized (bicubic, no crop) to image_size x
+    image_size, scaled to [0, 1] and normalised once per vision encoder with that encoder's mean/std;
+    the results are stacked on channels -> pixel_values (n, 3 * n_encoders, S, S). Squaring, as
+    prismatic's `image_resize_strategy` names it: "resize-naive" (ML-Mamba and Cobra as released)
+    stretches the image; "letterbox" (LLaVA's "pad", which VL-Mamba builds on) first pads it to a square
+    with the first encoder's mean colour, centred.
 MLMambaProcessor: the image processor plus a GPT-NeoX-style tokenizer. Each `<image>` in the text
     is expanded to `num_image_tokens` placeholder tokens, which the model replaces with the image's
     embeddings; the number of `<image>` must equal the number of images.
@@ -20,6 +23,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
 IMAGE_TOKEN = "<image>"
+RESIZE_STRATEGIES = ("resize-naive", "letterbox")
 
 
 def _to_pil(image) -> Image.Image:
@@ -45,6 +49,17 @@ def _to_pil(image) -> Image.Image:
     )
 
 
+def letterbox(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square of side max(w, h) with `fill`, the image centred (LLaVA's `expand2square`)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
 def _flatten_images(images) -> list:
     if images is None:
         return []
@@ -63,9 +78,13 @@ class MLMambaImageProcessor(BaseImageProcessor):
         image_mean=None,
         image_std=None,
         resample: int = Image.BICUBIC,
+        resize_strategy: str = "resize-naive",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if resize_strategy not in RESIZE_STRATEGIES:
+            raise ValueError(f"resize_strategy={resize_strategy!r} is not supported; use one of {list(RESIZE_STRATEGIES)}")
+        self.resize_strategy = resize_strategy
         self.image_size = image_size
         self.patch_size = patch_size
         self.image_mean = [list(m) for m in (image_mean or [[0.5, 0.5, 0.5]])]
@@ -86,8 +105,12 @@ class MLMambaImageProcessor(BaseImageProcessor):
         mean = np.asarray(self.image_mean, dtype=np.float32)[:, :, None, None]  # (E, 3, 1, 1)
         std = np.asarray(self.image_std, dtype=np.float32)[:, :, None, None]
         out = []
+        fill = tuple(int(255 * m) for m in self.image_mean[0])  # as LLaVA's expand2square
         for image in images:
-            pil = _to_pil(image).resize((self.image_size, self.image_size), resample=self.resample)
+            pil = _to_pil(image)
+            if self.resize_strategy == "letterbox":
+                pil = letterbox(pil, fill)
+            pil = pil.resize((self.image_size, self.image_size), resample=self.resample)
             x = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, S, S)
             out.append(((x[None] - mean) / std).reshape(-1, self.image_size, self.image_size))
         return BatchFeature({"pixel_values": np.stack(out)}, tensor_type=return_tensors)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, make_image
 
 from mlmamba import MLMambaConfig
 from mlmamba.configuration_mlmamba import MLMambaConnectorConfig
@@ -149,3 +149,25 @@ def test_cross_scan_needs_the_grid_it_was_built_for():
     connector = _connector(connector_type="vss-l2", scan="cross", ssm_layer="Mamba1", grid=(4, 4))
     with pytest.raises(ValueError, match="grid"):
         connector(torch.randn(1, 15, 24))
+
+
+def test_letterbox_pixels_equal_transformers_llava_padding():
+    """VL-Mamba's images: padded to a square with the mean colour (LLaVA's "pad"), then resized."""
+    import transformers
+
+    from mlmamba.convert import build_processor
+
+    config = get_preset("vlmamba-tiny")
+    processor = build_processor(config, random_model("vlmamba-tiny", seed=0)[1].tokenizer)
+    assert processor.image_processor.resize_strategy == "letterbox"
+    llava = getattr(transformers, "LlavaImageProcessorPil", transformers.LlavaImageProcessor)(
+        do_pad=True, size={"height": 56, "width": 56}, do_center_crop=False, resample=3,
+        image_mean=config.vision_config.image_mean[0], image_std=config.vision_config.image_std[0],
+    )
+    for size in [(30, 56), (70, 20), (40, 40)]:  # wide, tall, square
+        image = make_image(3, size=size)
+        ours = processor.image_processor(image)["pixel_values"]
+        theirs = llava(image, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="resize_strategy='crop' is not supported"):
+        type(processor.image_processor)(resize_strategy="crop")
