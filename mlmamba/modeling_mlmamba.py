@@ -442,6 +442,13 @@ def unpack_sequences(seq_idx: torch.Tensor):
 # --------------------------------------------------------------------------------------
 
 
+def _dt_bias_init(mixer, n: int, device) -> torch.Tensor:
+    """mamba_ssm's dt bias: the inverse softplus of n step sizes drawn log-uniform in [dt_min, dt_max], floored."""
+    log_dt = torch.rand(n, device=device) * (math.log(mixer.dt_max) - math.log(mixer.dt_min)) + math.log(mixer.dt_min)
+    dt = torch.exp(log_dt).clamp(min=mixer.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class MLMambaPreTrainedModel(PreTrainedModel):
     config_class = MLMambaConfig
     base_model_prefix = "model"
@@ -478,11 +485,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             suffixes = module.route_suffixes
             for suffix in suffixes:
                 dt_bias, A_log, D = (getattr(module, n + suffix) for n in ("dt_bias", "A_log", "D"))
-                log_dt = torch.rand(module.nheads, device=dt_bias.device) * (
-                    math.log(module.dt_max) - math.log(module.dt_min)
-                ) + math.log(module.dt_min)
-                dt = torch.exp(log_dt).clamp(min=module.dt_init_floor)
-                init.copy_(dt_bias, dt + torch.log(-torch.expm1(-dt)))
+                init.copy_(dt_bias, _dt_bias_init(module, module.nheads, dt_bias.device))
                 init.copy_(A_log, torch.log(torch.empty(module.nheads, device=A_log.device).uniform_(*module.A_init_range)))
                 init.ones_(D)
         elif isinstance(module, Mamba1Mixer):
@@ -494,11 +497,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
                     init.constant_(dt_proj.weight, dt_std)
                 else:
                     init.uniform_(dt_proj.weight, -dt_std, dt_std)
-                log_dt = torch.rand(module.d_inner, device=dt_proj.bias.device) * (
-                    math.log(module.dt_max) - math.log(module.dt_min)
-                ) + math.log(module.dt_min)
-                dt = torch.exp(log_dt).clamp(min=module.dt_init_floor)
-                init.copy_(dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))
+                init.copy_(dt_proj.bias, _dt_bias_init(module, module.d_inner, dt_proj.bias.device))
                 A = torch.arange(1, module.d_state + 1, dtype=torch.float32, device=A_log.device)
                 init.copy_(A_log, torch.log(A).expand(module.d_inner, -1))  # S4D-real: A = -(1, ..., d_state)
                 init.ones_(D)
