@@ -4,8 +4,11 @@ Sources:
   * ML-Mamba's `latest-checkpoint.pt` (torch pickle, read with weights_only=True):
       {"model": {"llm_backbone": {backbone.*, lm_head.weight}, "mlp": {0.*},
                  "bidirectional_mamba": {layers.N.*, norm_f.*}, "projector": {projector.{0,2,4}.*}}}
-  * a plain Mamba-2 language model: a state-spaces `mamba2-*` folder (mamba_ssm format) or a
-    transformers `Mamba2ForCausalLM` folder.
+  * Cobra's `latest-checkpoint.pt` (prismatic's trainable modules of the finetune stage):
+      {"model": {"projector": {projector.{0,2,4}.*}, "llm_backbone": {llm.backbone.*, llm.lm_head.weight}}}
+    with a Mamba-1 language model (mixer in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj).
+  * a plain Mamba-2 or Mamba-1 language model: a state-spaces `mamba2-*` / `mamba-*` folder (mamba_ssm
+    format) or a transformers `Mamba2ForCausalLM` / `MambaForCausalLM` folder.
   * the vision encoders from transformers folders or Hub ids (DINOv2-with-registers, SigLIP, CLIP), or
     from timm state dicts (the files the originals loaded through timm: `vit_large_patch14_reg4_dinov2`,
     `vit_so400m_patch14_siglip_384`, `vit_large_patch14_clip_336`); DINOv2's position table is resized to
@@ -33,6 +36,8 @@ def load_tensors(path: str | Path) -> dict:
     Pickles are read with `weights_only=True`: a checkpoint that needs arbitrary code to load is refused.
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.pt"))
         if not files:
@@ -99,10 +104,23 @@ class TensorLedger:
 
 
 # --------------------------------------------------------------------------------------
-# Language model
+# Language model (Mamba-2: ML-Mamba; Mamba-1: Cobra, VL-Mamba), mamba_ssm's MixerModel layout
 # --------------------------------------------------------------------------------------
 
-MIXER_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")
+def _embedding_key(tensors, prefix: str) -> str:
+    for name in ("embedding.weight", "embeddings.weight"):  # mamba_ssm / transformers
+        if prefix + name in tensors:
+            return prefix + name
+    raise CheckpointError(f"no {prefix}embedding.weight: this is not a Mamba language model in mamba_ssm's layout")
+
+
+def _layer_count(tensors, prefix: str) -> int:
+    start = len(prefix) + len("layers.")
+    layer_ids = {int(k[start:].split(".")[0]) for k in tensors if k.startswith(prefix + "layers.")}
+    n_layer = len(layer_ids)
+    if n_layer == 0 or layer_ids != set(range(n_layer)):
+        raise CheckpointError(f"layers are not numbered 0..{n_layer - 1}: {sorted(layer_ids)}")
+    return n_layer
 
 
 def infer_mamba2_config(tensors: dict, prefix: str = "backbone.", ngroups: int = 1, chunk_size: int = 256) -> dict:
@@ -111,14 +129,8 @@ def infer_mamba2_config(tensors: dict, prefix: str = "backbone.", ngroups: int =
     `ngroups` cannot be told apart from d_state by shapes (both enter as 2 * ngroups * d_state); every
     released Mamba-2 language model uses 1.
     """
-    emb_key = prefix + "embedding.weight" if prefix + "embedding.weight" in tensors else prefix + "embeddings.weight"
-    if emb_key not in tensors:
-        raise CheckpointError(f"no {prefix}embedding.weight: this is not a Mamba language model in mamba_ssm's layout")
-    vocab_size, d_model = tensors[emb_key].shape
-    layer_ids = {int(k[len(prefix) + 7 :].split(".")[0]) for k in tensors if k.startswith(prefix + "layers.")}
-    n_layer = len(layer_ids)
-    if layer_ids != set(range(n_layer)):
-        raise CheckpointError(f"layers are not numbered 0..{n_layer - 1}: {sorted(layer_ids)}")
+    vocab_size, d_model = tensors[_embedding_key(tensors, prefix)].shape
+    n_layer = _layer_count(tensors, prefix)
     mixer = prefix + "layers.0.mixer."
     if mixer + "A_log" not in tensors or tensors[mixer + "A_log"].ndim != 1:
         raise CheckpointError("layer 0 has no Mamba-2 mixer (A_log of shape (nheads,))")
@@ -129,6 +141,7 @@ def infer_mamba2_config(tensors: dict, prefix: str = "backbone.", ngroups: int =
     if d_inner % nheads or d_inner % d_model or (conv_dim - d_inner) % (2 * ngroups):
         raise CheckpointError(f"inconsistent mixer shapes: d_model={d_model} d_inner={d_inner} nheads={nheads} conv_dim={conv_dim}")
     return dict(
+        ssm_layer="Mamba2",
         d_model=d_model,
         n_layer=n_layer,
         vocab_size=vocab_size,
@@ -143,60 +156,134 @@ def infer_mamba2_config(tensors: dict, prefix: str = "backbone.", ngroups: int =
     )
 
 
-def take_language_model(ledger: TensorLedger, text: dict, prefix: str = "backbone.") -> dict:
-    """Our `model.language_model.*` and `lm_head.weight` from a mamba_ssm-layout (or transformers) Mamba-2 LM."""
-    d, d_inner, n = text["d_model"], text["expand"] * text["d_model"], text["n_layer"]
-    nheads = d_inner // text["headdim"]
-    conv_dim = d_inner + 2 * text["ngroups"] * text["d_state"]
-    shapes = {
-        "in_proj.weight": (2 * d_inner + 2 * text["ngroups"] * text["d_state"] + nheads, d),
-        "conv1d.weight": (conv_dim, 1, text["d_conv"]),
-        "conv1d.bias": (conv_dim,),
-        "dt_bias": (nheads,),
-        "A_log": (nheads,),
-        "D": (nheads,),
-        "norm.weight": (d_inner,),
-        "out_proj.weight": (d, d_inner),
-    }
-    emb_key = prefix + ("embedding.weight" if prefix + "embedding.weight" in ledger.tensors else "embeddings.weight")
-    embedding = ledger.take(emb_key, (text["vocab_size"], d))
+def infer_mamba1_config(tensors: dict, prefix: str = "backbone.") -> dict:
+    """MLMambaTextConfig fields from the shapes of a mamba_ssm-layout Mamba-1 language model: d_state from
+    A_log (d_inner, d_state), dt_rank from dt_proj (d_inner, dt_rank), d_inner from in_proj (2 d_inner, d_model)."""
+    vocab_size, d_model = tensors[_embedding_key(tensors, prefix)].shape
+    n_layer = _layer_count(tensors, prefix)
+    mixer = prefix + "layers.0.mixer."
+    if mixer + "A_log" not in tensors or tensors[mixer + "A_log"].ndim != 2:
+        raise CheckpointError("layer 0 has no Mamba-1 mixer (A_log of shape (d_inner, d_state))")
+    d_inner, d_state = tensors[mixer + "A_log"].shape
+    for key in ("in_proj.weight", "conv1d.weight", "dt_proj.weight"):
+        if mixer + key not in tensors:
+            raise CheckpointError(f"layer 0's Mamba-1 mixer has no {key}")
+    dt_rank = tensors[mixer + "dt_proj.weight"].shape[1]
+    if tuple(tensors[mixer + "in_proj.weight"].shape) != (2 * d_inner, d_model) or d_inner % d_model:
+        raise CheckpointError(f"inconsistent mixer shapes: d_model={d_model} d_inner={d_inner} "
+                              f"in_proj={tuple(tensors[mixer + 'in_proj.weight'].shape)}")
+    return dict(
+        ssm_layer="Mamba1",
+        d_model=d_model,
+        n_layer=n_layer,
+        vocab_size=vocab_size,
+        d_state=d_state,
+        d_conv=tensors[mixer + "conv1d.weight"].shape[-1],
+        expand=d_inner // d_model,
+        dt_rank=dt_rank,
+        conv_bias=mixer + "conv1d.bias" in tensors,
+        bias=mixer + "in_proj.bias" in tensors,
+    )
+
+
+def infer_text_config(tensors: dict, prefix: str = "backbone.", ngroups: int = 1, chunk_size: int = 256) -> dict:
+    """Mamba-1 or Mamba-2, told apart by A_log: (d_inner, d_state) or (nheads,)."""
+    a_log = tensors.get(prefix + "layers.0.mixer.A_log")
+    if a_log is not None and a_log.ndim == 2:
+        return infer_mamba1_config(tensors, prefix)
+    return infer_mamba2_config(tensors, prefix, ngroups=ngroups, chunk_size=chunk_size)
+
+
+def _mixer_shapes(text: dict) -> dict:
+    d, d_inner, d_state = text["d_model"], text["expand"] * text["d_model"], text["d_state"]
+    if text.get("ssm_layer", "Mamba2") == "Mamba1":
+        dt_rank = text["dt_rank"] if text["dt_rank"] != "auto" else -(-d // 16)
+        shapes = {
+            "in_proj.weight": (2 * d_inner, d),
+            "conv1d.weight": (d_inner, 1, text["d_conv"]),
+            "conv1d.bias": (d_inner,),
+            "x_proj.weight": (dt_rank + 2 * d_state, d_inner),
+            "dt_proj.weight": (d_inner, dt_rank),
+            "dt_proj.bias": (d_inner,),
+            "A_log": (d_inner, d_state),
+            "D": (d_inner,),
+            "out_proj.weight": (d, d_inner),
+        }
+        in_proj_out = 2 * d_inner
+    else:
+        nheads = d_inner // text["headdim"]
+        conv_dim = d_inner + 2 * text["ngroups"] * d_state
+        in_proj_out = 2 * d_inner + 2 * text["ngroups"] * d_state + nheads
+        shapes = {
+            "in_proj.weight": (in_proj_out, d),
+            "conv1d.weight": (conv_dim, 1, text["d_conv"]),
+            "conv1d.bias": (conv_dim,),
+            "dt_bias": (nheads,),
+            "A_log": (nheads,),
+            "D": (nheads,),
+            "norm.weight": (d_inner,),
+            "out_proj.weight": (d, d_inner),
+        }
+    if not text["conv_bias"]:
+        del shapes["conv1d.bias"]
+    if text["bias"]:
+        shapes.update({"in_proj.bias": (in_proj_out,), "out_proj.bias": (d,)})
+    return shapes
+
+
+def take_language_model(ledger: TensorLedger, text: dict, prefix: str = "backbone.", head: str = "lm_head.weight") -> dict:
+    """Our `model.language_model.*` from a mamba_ssm-layout (or transformers) Mamba-2 or Mamba-1 LM; the head
+    `head`, if present, must equal the embedding (tied, as released)."""
+    d, n = text["d_model"], text["n_layer"]
+    shapes = _mixer_shapes(text)
+    embedding = ledger.take(_embedding_key(ledger.tensors, prefix), (text["vocab_size"], d))
     out = {"model.language_model.embedding.weight": embedding}
     for i in range(n):
         out[f"model.language_model.layers.{i}.norm.weight"] = ledger.take(f"{prefix}layers.{i}.norm.weight", (d,))
-        for name in MIXER_PARAMS:
-            if name == "conv1d.bias" and not text["conv_bias"]:
-                continue
-            out[f"model.language_model.layers.{i}.mixer.{name}"] = ledger.take(f"{prefix}layers.{i}.mixer.{name}", shapes[name])
+        for name, shape in shapes.items():
+            out[f"model.language_model.layers.{i}.mixer.{name}"] = ledger.take(f"{prefix}layers.{i}.mixer.{name}", shape)
     out["model.language_model.norm_f.weight"] = ledger.take(prefix + "norm_f.weight", (d,))
-    if "lm_head.weight" in ledger.tensors:
-        head = ledger.take("lm_head.weight", (text["vocab_size"], d))
-        if not torch.equal(head, embedding):
-            raise CheckpointError("lm_head.weight differs from the embedding, but the model ties them (as released)")
+    if head in ledger.tensors:
+        if not torch.equal(ledger.take(head, (text["vocab_size"], d)), embedding):
+            raise CheckpointError(f"{head} differs from the embedding, but the model ties them (as released)")
     return out
 
 
-def mamba2_from_folder(folder: str | Path, ngroups: int | None = None) -> tuple[dict, dict]:
-    """(text config fields, our LM tensors) from a state-spaces mamba2 folder or a transformers Mamba2 folder."""
+def mamba_lm_from_folder(folder: str | Path, ngroups: int | None = None) -> tuple[dict, dict]:
+    """(text config fields, our LM tensors) from a language model folder: state-spaces `mamba-*` / `mamba2-*`
+    (mamba_ssm's format: config.json with d_model, n_layer, ssm_cfg) or transformers `MambaForCausalLM` /
+    `Mamba2ForCausalLM`. The mixer (Mamba-1 or Mamba-2) is read from the tensors and checked against config.json."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     ledger = TensorLedger(load_tensors(folder), str(folder))
-    if config.get("model_type") == "mamba2":  # transformers layout
+    kind = config.get("model_type")
+    if kind in ("mamba", "mamba2"):  # transformers
+        declared = {"mamba": "Mamba1", "mamba2": "Mamba2"}[kind]
         ngroups = ngroups or config.get("n_groups", 1)
         chunk = config.get("chunk_size", 256)
-    else:  # mamba_ssm layout: {"d_model", "n_layer", "ssm_cfg": {...}}
-        ssm_cfg = config.get("ssm_cfg", {})
-        if ssm_cfg.get("layer", "Mamba2") != "Mamba2":
-            raise CheckpointError(f"{folder} is a {ssm_cfg.get('layer')} model; only Mamba-2 language models convert here")
+        eps = config.get("layer_norm_epsilon", 1e-5)
+    else:  # mamba_ssm: {"d_model", "n_layer", "ssm_cfg": {"layer": ...}, "rms_norm", ...}; layer defaults to Mamba1
+        ssm_cfg = config.get("ssm_cfg") or {}
+        declared = ssm_cfg.get("layer", "Mamba1") if config else None
         ngroups = ngroups or ssm_cfg.get("ngroups", 1)
         chunk = ssm_cfg.get("chunk_size", 256)
-    text = infer_mamba2_config(ledger.tensors, "backbone.", ngroups=ngroups, chunk_size=chunk)
+        eps = config.get("norm_epsilon", 1e-5)
+        if config.get("rms_norm", True) is not True:
+            raise CheckpointError(f"{folder}: rms_norm=False (LayerNorm blocks) is not a released layout; the model uses RMSNorm")
+    if declared not in (None, "Mamba1", "Mamba2"):
+        raise CheckpointError(f"{folder}: a {declared} model; Mamba1 and Mamba2 language models convert")
+    text = infer_text_config(ledger.tensors, "backbone.", ngroups=ngroups, chunk_size=chunk)
+    if declared is not None and declared != text["ssm_layer"]:
+        raise CheckpointError(f"{folder}: config.json says {declared}, but the tensors are a {text['ssm_layer']} model")
+    text["norm_epsilon"] = eps
+    text["residual_in_fp32"] = config.get("residual_in_fp32", True)
     tensors = take_language_model(ledger, text)
     ledger.finish()
     return text, tensors
 
 
 # --------------------------------------------------------------------------------------
-# Connector (ML-Mamba: mlp -> bidirectional_mamba -> projector)
+# Connector (ML-Mamba: mlp -> bidirectional_mamba -> projector; Cobra: projector)
 # --------------------------------------------------------------------------------------
 
 
@@ -262,16 +349,67 @@ def take_connector(parts: dict, vision_hidden: int, d_model: int) -> tuple[dict,
     return config, out
 
 
-def split_release(checkpoint: dict) -> dict:
-    """The four parts of ML-Mamba's `latest-checkpoint.pt`."""
-    model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    expected = {"llm_backbone", "mlp", "bidirectional_mamba", "projector"}
-    if not isinstance(model, dict) or set(model) != expected:
-        found = sorted(model) if isinstance(model, dict) else type(checkpoint).__name__
+def take_cobra_projector(projector: dict, vision_hidden: int, d_model: int) -> tuple[dict, dict]:
+    """(connector config fields, our `model.connector.projector.*`) from Cobra's projector.
+
+    "no-align+fused-gelu-mlp" (cobra+3b): `projector.{0,2,4}`, Linear(v -> 4v) GELU Linear(-> d) GELU Linear(d -> d),
+    our connector "mlp". "no-align+gelu-mlp" (cobra-siglip+3b): `projector.{0,2}`, Linear(v -> d) GELU Linear(d -> d),
+    our connector "mlp2x". LDPNet projectors (cobra-ldpnet+3b) have no counterpart here.
+    """
+    ledger = TensorLedger(projector, "projector")
+    layers = sorted({k.split(".")[1] for k in projector if k.startswith("projector.")})
+    out = {}
+    if layers == ["0", "2", "4"]:
+        hidden = ledger.tensors["projector.0.weight"].shape[0]
+        if hidden % vision_hidden:
+            raise CheckpointError(f"projector.0.weight has {hidden} rows, not a multiple of the vision width {vision_hidden}")
+        shapes = ((0, (hidden, vision_hidden)), (2, (d_model, hidden)), (4, (d_model, d_model)))
+        config = dict(connector_type="mlp", projector_expand=hidden // vision_hidden)
+    elif layers == ["0", "2"]:
+        shapes = ((0, (d_model, vision_hidden)), (2, (d_model, d_model)))
+        config = dict(connector_type="mlp2x")
+    else:
         raise CheckpointError(
-            f"not an ML-Mamba checkpoint: expected {{'model': {{{', '.join(sorted(expected))}}}}}, found {found}"
+            f"projector layers {layers} (keys such as {sorted(projector)[:4]}) are not Cobra's fused-gelu-mlp "
+            "(projector.{0,2,4}) or gelu-mlp (projector.{0,2}); LDPNet projectors do not convert"
         )
-    return model
+    for idx, shape in shapes:
+        out[f"model.connector.projector.{idx}.weight"] = ledger.take(f"projector.{idx}.weight", shape)
+        out[f"model.connector.projector.{idx}.bias"] = ledger.take(f"projector.{idx}.bias", shape[:1])
+    ledger.finish()
+    return config, out
+
+
+RELEASE_PARTS = {
+    "mlmamba": {"llm_backbone", "mlp", "bidirectional_mamba", "projector"},  # ML-Mamba's latest-checkpoint.pt
+    "cobra": {"llm_backbone", "projector"},  # Cobra's (prismatic's) latest-checkpoint.pt
+}
+
+
+def split_release(checkpoint: dict) -> tuple[str, dict]:
+    """(family, parts) of a released `latest-checkpoint.pt`: {"model": {part: state dict}}, as prismatic saves it
+    (ML-Mamba: llm_backbone, mlp, bidirectional_mamba, projector; Cobra: llm_backbone, projector)."""
+    model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    for family, expected in RELEASE_PARTS.items():
+        if isinstance(model, dict) and set(model) == expected:
+            return family, model
+    found = sorted(model) if isinstance(model, dict) else type(checkpoint).__name__
+    raise CheckpointError(
+        "not an ML-Mamba or Cobra checkpoint: expected {'model': {" + ", ".join(sorted(RELEASE_PARTS["mlmamba"]))
+        + "}} (ML-Mamba) or {'model': {" + ", ".join(sorted(RELEASE_PARTS["cobra"])) + "}} (Cobra), found "
+        + str(found)
+    )
+
+
+def release_language_model(family: str, parts: dict, ngroups: int = 1) -> tuple[dict, dict]:
+    """(text config fields, our LM tensors) from a release's `llm_backbone`: ML-Mamba saved the mamba_ssm model
+    itself (`backbone.*`, `lm_head.weight`), Cobra its LLM wrapper (`llm.backbone.*`, `llm.lm_head.weight`)."""
+    prefix = "llm." if family == "cobra" else ""
+    llm = TensorLedger(parts["llm_backbone"], "llm_backbone")
+    text = infer_text_config(llm.tensors, prefix + "backbone.", ngroups=ngroups)
+    lm_state = take_language_model(llm, text, prefix + "backbone.", head=prefix + "lm_head.weight")
+    llm.finish()
+    return text, lm_state
 
 
 # --------------------------------------------------------------------------------------

@@ -8,9 +8,14 @@ The released ML-Mamba checkpoint, with the vision encoders' own releases and the
         --vision timm/vit_large_patch14_reg4_dinov2.lvd142m --vision timm/vit_so400m_patch14_siglip_384.webli \\
         --tokenizer xiuyul/mamba-2.8b-zephyr --output ml-mamba-3b
 
-A pretrained Mamba-2 language model under a random connector (to train a new model from it):
+Cobra's released checkpoint (han1997/cobra, cobra+3b/checkpoints/latest-checkpoint.pt) the same way:
+    python -m mlmamba.convert --checkpoint latest-checkpoint.pt --vision ... --vision ... \\
+        --tokenizer xiuyul/mamba-2.8b-zephyr --output cobra-3b
+
+A pretrained Mamba-2 or Mamba-1 language model under a random connector (to train a new model from it):
     python -m mlmamba.convert --text-model state-spaces/mamba2-2.7b --preset mlmamba-3b \\
         --vision ... --vision ... --tokenizer ... --output DIR
+    python -m mlmamba.convert --text-model xiuyul/mamba-2.8b-zephyr --preset cobra-3b (or vlmamba-3b) ...
 
 Each folder holds config.json, model.safetensors (sharded at 5 GB), the processor and tokenizer,
 chat_template.jinja, the code files and a model card (README.md), and loads with
@@ -138,18 +143,19 @@ def load_into(model, state: dict) -> None:
 
 
 def convert_release(checkpoint, vision: list[str], tokenizer: str, dtype=None, ngroups: int = 1, image_size: int = 384):
-    """ML-Mamba's released checkpoint + its vision encoders + tokenizer -> (model, processor, notes)."""
-    from .checkpoints import TensorLedger, infer_mamba2_config, load_tensors, split_release, take_connector, take_language_model
+    """A released ML-Mamba or Cobra checkpoint + its vision encoders + tokenizer -> (model, processor, notes, family).
+    The family ("mlmamba" or "cobra") is told by the checkpoint's parts (see `checkpoints.split_release`)."""
+    from .checkpoints import load_tensors, release_language_model, split_release, take_connector, take_cobra_projector
 
-    parts = split_release(load_tensors(checkpoint))
-    llm = TensorLedger(parts["llm_backbone"], "llm_backbone")
-    text = infer_mamba2_config(llm.tensors, "backbone.", ngroups=ngroups)
-    lm_state = take_language_model(llm, text)
-    llm.finish()
+    family, parts = split_release(load_tensors(checkpoint))
+    text, lm_state = release_language_model(family, parts, ngroups=ngroups)
     dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
     vision_config, vision_state, notes = _vision(vision, image_size=image_size, dtype=dtype)
     vision_hidden = sum(e["hidden_size"] for e in vision_config["encoders"])
-    connector_config, connector_state = take_connector(parts, vision_hidden, text["d_model"])
+    if family == "cobra":
+        connector_config, connector_state = take_cobra_projector(parts["projector"], vision_hidden, text["d_model"])
+    else:
+        connector_config, connector_state = take_connector(parts, vision_hidden, text["d_model"])
     tok = load_tokenizer(tokenizer, text["vocab_size"])
     config = MLMambaConfig(
         vision_config=vision_config,
@@ -162,25 +168,41 @@ def convert_release(checkpoint, vision: list[str], tokenizer: str, dtype=None, n
     model = _build(config, dtype)
     load_into(model, {**lm_state, **connector_state, **vision_state})
     model, processor = _finish(model, tok)
-    return model, processor, notes
+    return model, processor, notes, family
+
+
+def family_of(preset: str) -> str:
+    """"mlmamba", "cobra" or "vlmamba": the family of a named configuration."""
+    family = preset.split("-")[0]
+    return family if family in PAPERS else "mlmamba"
 
 
 def convert_text_model(text_model: str, preset: str, vision: list[str], tokenizer: str, dtype=None, seed: int = 0):
-    """A pretrained Mamba-2 LM (vision encoders too, if given) under a randomly initialised connector."""
+    """A pretrained Mamba-2 or Mamba-1 LM (vision encoders too, if given) under a randomly initialised connector.
+    The preset gives the connector and vision geometry; its language model must be of the same kind."""
     from huggingface_hub import snapshot_download
 
-    from .checkpoints import mamba2_from_folder
+    from .checkpoints import CheckpointError, mamba_lm_from_folder
 
     folder = text_model if Path(text_model).is_dir() else snapshot_download(text_model)
-    text, lm_state = mamba2_from_folder(folder)
-    dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
+    text, lm_state = mamba_lm_from_folder(folder)
     base = PRESETS[preset]()
+    wanted = base["text_config"].get("ssm_layer", "Mamba2")
+    if text["ssm_layer"] != wanted:
+        raise CheckpointError(
+            f"{text_model} is a {text['ssm_layer']} language model, but preset {preset!r} is built on {wanted}: "
+            f"use {'an mlmamba-*' if text['ssm_layer'] == 'Mamba2' else 'a cobra-* or vlmamba-*'} preset"
+        )
+    dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
     image_size = base["vision_config"]["encoders"][0]["image_size"]
     vision_config, vision_state, notes = (base["vision_config"], {}, []) if not vision else _vision(vision, image_size, dtype)
     tok = load_tokenizer(tokenizer, text["vocab_size"])
+    connector = dict(base["connector_config"])
+    if connector.get("connector_type", "msc") in ("msc", "vss-l2"):
+        connector["hidden_size"] = text["d_model"]
     config = MLMambaConfig(
         vision_config=vision_config,
-        connector_config={**base["connector_config"], "hidden_size": text["d_model"]},
+        connector_config=connector,
         text_config=text,
         image_token_id=tok.convert_tokens_to_ids(IMAGE),
         eos_token_id=tok.eos_token_id,
@@ -197,7 +219,31 @@ def convert_text_model(text_model: str, preset: str, vision: list[str], tokenize
     return model, processor, notes
 
 
-def write_model_card(output: Path, title: str, base_models: list[str], notes: list[str], license: str = "mit") -> None:
+PAPERS = {
+    "mlmamba": ("ML-Mamba", "Huang & Hu", "2407.19832"),
+    "cobra": ("Cobra", "Zhao et al.", "2403.14520"),
+    "vlmamba": ("VL-Mamba", "Qiao et al.", "2403.13600"),
+}
+FAMILY_SUMMARY = {
+    "mlmamba": "a Mamba-2 language model that sees images through DINOv2 + SigLIP features and the Mamba-2 Scan "
+    "Connector (MSC). It builds on Cobra and VL-Mamba.",
+    "cobra": "a Mamba-1 language model (Mamba-2.8B-Zephyr) that sees images through DINOv2 + SigLIP features and a "
+    "fused MLP projector. ML-Mamba builds on it with a Mamba-2 language model.",
+    "vlmamba": "a Mamba-1 language model that sees images through a Vision Selective Scan (VSS) connector. VL-Mamba "
+    "released neither code nor weights: this architecture is the mlmamba package's reading of the paper.",
+}
+FAMILY_TAGS = {"mlmamba": ["mamba2", "ml-mamba"], "cobra": ["cobra"], "vlmamba": ["vl-mamba"]}
+RELEASES = {"mlmamba": ("ML-Mamba 3B", "huangwenjun1994/ML-Mamba"), "cobra": ("Cobra 3B", "han1997/cobra")}
+
+
+def _paper(family: str) -> str:
+    name, authors, arxiv = PAPERS[family]
+    return f"{name} ({authors}, [arXiv:{arxiv}](https://arxiv.org/abs/{arxiv}))"
+
+
+def write_model_card(output: Path, title: str, base_models: list[str], notes: list[str], license: str = "mit",
+                     family: str = "mlmamba") -> None:
+    """README.md with Hub metadata: license, base models (Hub ids only), the family's paper and tags."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base_models = [b for b in base_models if not Path(b).exists()]  # Hub ids only, never local paths
@@ -206,7 +252,7 @@ def write_model_card(output: Path, title: str, base_models: list[str], notes: li
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         base_model=base_models or None,
-        tags=["mamba", "mamba2", "state-space-model", "ml-mamba", "custom_code"],
+        tags=["mamba", *FAMILY_TAGS[family], "state-space-model", "custom_code", f"arxiv:{PAPERS[family][2]}"],
     )
     snippet = f'''```python
 import torch
@@ -231,10 +277,8 @@ print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_spec
             "---",
             f"# {title}",
             "",
-            "ML-Mamba (Huang & Hu, [arXiv:2407.19832](https://arxiv.org/abs/2407.19832)): a Mamba-2 language model that "
-            "sees images through DINOv2 + SigLIP features and the Mamba-2 Scan Connector (MSC), converted with "
-            "the mlmamba package into a transformers model (`trust_remote_code=True`). Builds on Cobra "
-            "([arXiv:2403.14520](https://arxiv.org/abs/2403.14520)) and VL-Mamba ([arXiv:2403.13600](https://arxiv.org/abs/2403.13600)).",
+            f"{_paper(family)}: {FAMILY_SUMMARY[family]} Converted with the mlmamba package into a transformers model "
+            "(`trust_remote_code=True`). Related: " + ", ".join(_paper(f) for f in PAPERS if f != family) + ".",
             "",
             "## Usage",
             "",
@@ -263,8 +307,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="mlmamba-convert", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--random", action="store_true", help="random weights for a named configuration (--preset)")
-    source.add_argument("--checkpoint", help="ML-Mamba's latest-checkpoint.pt (or a folder of its tensors)")
-    source.add_argument("--text-model", help="a Mamba-2 LM folder or Hub id (state-spaces or transformers format)")
+    source.add_argument("--checkpoint", help="ML-Mamba's or Cobra's latest-checkpoint.pt (or a folder of its tensors)")
+    source.add_argument("--text-model", help="a Mamba-2 or Mamba-1 LM folder or Hub id (state-spaces or transformers format)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (--random, --text-model)")
     parser.add_argument("--vision", action="append", default=[], help="vision encoder, in order (DINOv2 first, as released): a transformers or timm folder or Hub id, or a timm state dict file")
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (GPT-NeoX-20B style, e.g. xiuyul/mamba-2.8b-zephyr)")
@@ -283,25 +327,30 @@ def main(argv=None):
         dtype = dtype or DTYPES["float32" if args.preset.endswith("-tiny") else "bfloat16"]
         model, processor = random_model(args.preset, seed=args.seed, dtype=dtype)
         save_folder(model, processor, output)
-        write_model_card(output, f"{args.preset} (random weights)", [], ["random weights, for tests and pipelines; not a trained model"])
+        write_model_card(output, f"{args.preset} (random weights)", [], ["random weights, for tests and pipelines; not a trained model"],
+                         family=family_of(args.preset))
     else:
         if not args.tokenizer:
             parser.error("--tokenizer is required to convert weights")
         if args.checkpoint:
             if len(args.vision) == 0:
                 parser.error("--checkpoint needs the vision encoders: --vision DINO --vision SIGLIP (in this order)")
-            model, processor, notes = convert_release(
+            model, processor, notes, family = convert_release(
                 args.checkpoint, args.vision, args.tokenizer, dtype, args.ngroups, args.image_size
             )
-            title, bases, license = "ML-Mamba 3B", ["huangwenjun1994/ML-Mamba", *args.vision], "mit"
+            title, release = RELEASES[family]
+            bases, license = [release, *args.vision], "mit"  # both releases are MIT
         else:
             if not args.preset:
                 parser.error("--text-model needs --preset for the parts it does not provide")
             model, processor, notes = convert_text_model(args.text_model, args.preset, args.vision, args.tokenizer, dtype, args.seed)
-            title, bases = f"ML-Mamba on {args.text_model} (connector untrained)", [args.text_model, *args.vision]
-            license = "apache-2.0"  # the state-spaces Mamba-2 language models
+            family = family_of(args.preset)
+            lm_name = Path(args.text_model).name if Path(args.text_model).exists() else args.text_model  # no local paths
+            title = f"{PAPERS[family][0]} on {lm_name} (connector untrained)"
+            bases = [args.text_model, *args.vision]
+            license = "apache-2.0"  # the state-spaces Mamba language models and Mamba-2.8B-Zephyr
         save_folder(model, processor, output)
-        write_model_card(output, title, bases, notes, license)
+        write_model_card(output, title, bases, notes, license, family=family)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {n_params / 1e6:.1f}M parameters ({model.dtype}) to {output}")
 
