@@ -52,7 +52,9 @@ SIGLIP_SO400M_14_384 = dict(
     patch_size=14,
     image_size=384,
     layer_norm_eps=1e-6,
-    hidden_act="gelu_pytorch_tanh",
+    # exact GELU: ML-Mamba and Cobra ran timm 0.9.10's SigLIP, which computes it so (google's config and
+    # transformers' say the tanh approximation; the two differ by up to 4.7e-4 per activation)
+    hidden_act="gelu",
     vision_use_head=False,  # the attention-pool head is not used by ML-Mamba
 )
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -114,6 +114,11 @@ def _vision(sources: list[str], image_size: int, dtype) -> tuple[dict, dict, lis
     for i, source in enumerate(sources):
         config, tensors, dropped, encoder_notes = load_vision_encoder(source, image_size, dtype=dtype)
         notes.extend(encoder_notes)
+        if config["model_type"] == "siglip_vision_model" and config.get("hidden_act") != "gelu":
+            # ML-Mamba and Cobra were trained on timm 0.9.10's SigLIP, which computes exact GELU where
+            # transformers' config says the tanh approximation (up to 4.7e-4 apart per activation).
+            notes.append(f"{source}: SigLIP's {config.get('hidden_act')} replaced by exact gelu, as timm computed it in training")
+            config["hidden_act"] = "gelu"
         encoders.append(config)
         mean, std = NORMALIZATION[config["model_type"]]
         means.append(mean)

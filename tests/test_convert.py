@@ -256,3 +256,10 @@ def test_full_siglip_checkpoint_gives_its_vision_tower_and_reports_the_rest(tmp_
     pixels = torch.randn(1, 3, 42, 42)
     expected = full.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(vision(pixels, output_hidden_states=True).hidden_states[-2], expected)
+    # In a converted model SigLIP computes exact GELU, as timm did when ML-Mamba and Cobra were trained.
+    from mlmamba.convert import _vision
+
+    assert full.config.vision_config.hidden_act == "gelu_pytorch_tanh"
+    vision_fields, _, notes = _vision([str(tmp_path / "siglip")], 42, None)
+    assert vision_fields["encoders"][0]["hidden_act"] == "gelu"
+    assert any("replaced by exact gelu" in n for n in notes)
