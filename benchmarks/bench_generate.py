@@ -36,12 +36,14 @@ PHI = {  # transformers of comparable size: hidden, layers, heads, intermediate
 }
 
 
-def build(impl: str, size: str, device: str, dtype: torch.dtype):
+def build(impl: str, size: str, device: str, dtype: torch.dtype, **text_overrides):
+    """One implementation at a named size (`text_overrides` replace language-model fields, e.g. n_layer=6),
+    in eval mode; `ours` and `hf-mamba2` hold the same weights."""
     torch.manual_seed(0)
     from mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
     from mlmamba.presets import PRESETS
 
-    text = dict(SIZES[size], chunk_size=256)
+    text = dict(SIZES[size], chunk_size=256, **text_overrides)
     tiny = PRESETS["mlmamba-tiny"]()
     config = MLMambaConfig(vision_config=tiny["vision_config"], connector_config=tiny["connector_config"], text_config=text, image_token_id=50277)
     if impl in ("ours", "hf-mamba2"):
