@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
-from mlmamba.training import DIGITS_RECIPE, RELEASED_RECIPE, bf16_supported, digits_accuracy, digits_dataset
+from mlmamba.training import (
+    DIGITS_RECIPE,
+    RELEASED_RECIPE,
+    bf16_supported,
+    checkpointing_field,
+    digits_accuracy,
+    digits_dataset,
+)
 
 
 @dataclass
@@ -52,12 +59,12 @@ def parse_args(argv=None):
     parser.set_defaults(
         output_dir="mlmamba-sft",
         assistant_only_loss=True,
-        gradient_checkpointing=True,
         bf16=bf16_supported(),
         report_to="none",
         save_strategy="no",
         logging_steps=25,
         **(DIGITS_RECIPE if from_scratch else RELEASED_RECIPE),
+        **{checkpointing_field(): True},
     )
     return parser.parse_args_into_dataclasses(args=argv)
 

@@ -387,6 +387,10 @@ class MLMambaConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.freeze_vision_tower = freeze_vision_tower
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # generate() and Trainer read special tokens from the text config (`get_text_config()`): mirror them.
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self, name, None) is not None and getattr(self.text_config, name, None) is None:
+                setattr(self.text_config, name, getattr(self, name))
         if self.connector_config.scans_image:
             _check_mixer_fields(self.connector_config, self.connector_config.scan_width(self.vision_config.hidden_size))
         if not 0 <= image_token_id < self.text_config.vocab_size:

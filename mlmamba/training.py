@@ -49,6 +49,15 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def checkpointing_field() -> str:
+    """The TrainingArguments field that turns on gradient checkpointing: `activation_checkpointing` since
+    transformers 5.24 (where the old name warns that it is deprecated), `gradient_checkpointing` before."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def sft_config(output_dir: str, **overrides):
     """A `trl.SFTConfig` for ML-Mamba: the released recipe (`RELEASED_RECIPE`), loss on assistant replies
     only, bf16 where supported, gradient checkpointing on (TRL's default), no reporting integrations.
@@ -59,8 +68,8 @@ def sft_config(output_dir: str, **overrides):
         RELEASED_RECIPE,
         assistant_only_loss=True,
         bf16=bf16_supported(),
-        gradient_checkpointing=True,
         report_to=[],
+        **{checkpointing_field(): True},
     )
     return SFTConfig(output_dir=output_dir, **{**defaults, **overrides})
 
