@@ -10,18 +10,23 @@ Implementations, all with the same random weights where they share an architectu
 
 Prefill = time to the first generated token; decode tokens/s from the time stamps of the following
 tokens (a stopping criterion records them). The prefill limit counts 2 FLOPs per weight and token
-(embeddings and head excluded); the scan's and attention's own FLOPs are not counted. Each measurement runs in its own subprocess so that peak memory (max RSS on CPU,
-max_memory_allocated on CUDA) belongs to that measurement alone. The run also measures the
+(embeddings and head excluded); the scan's and attention's own FLOPs are not counted. Each
+measurement runs in its own subprocess, and its peak memory is that of the timed generate() with the
+model loaded (CPU: peak resident set size, VmHWM, restarted after the warm-up once the model stands
+alone in the process; CUDA: max_memory_allocated). The run also measures the
 machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth (the output layer),
 and prints each figure's ratio to the limit it is bound by:
   prefill limit = model FLOPs / matmul FLOP/s        decode limit = bytes of weights / bandwidth
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,6 +78,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def rss_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_cpu_peak() -> bool:
+    """Free what is unreferenced, give it back to the OS, and restart the peak RSS count from now (Linux);
+    False where the peak cannot be reset."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
 def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     dtype = getattr(torch, dtype_name)
     model = build(impl, size, device, dtype)
@@ -103,6 +131,8 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
         model.generate(input_ids=ids[:, :64], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        else:  # the peak of this generate() alone, not of building the model (hf-mamba2 copies ours)
+            reset = reset_cpu_peak()
         clock = Clock()
         sync(device)
         start = time.perf_counter()
@@ -113,9 +143,7 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        peak = rss_kib("VmHWM") / 2**20 if reset else float("nan")
     return dict(impl=impl, prompt=prompt, batch=batch, prefill_ms=prefill * 1e3, decode_tps=batch * new_tokens / decode_s,
                 peak_gib=peak, n_params=n_params, weight_bytes=weight_bytes)
 

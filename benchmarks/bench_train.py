@@ -22,8 +22,6 @@ weights and compute the same function. Timings are whatever this machine gives; 
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -34,33 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SIZES, build  # noqa: E402  (the weight copy between the two lives there)
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_cpu_peak() -> bool:
-    """Free what is unreferenced, give it back to the OS, and restart the peak RSS count from now."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
+from bench_generate import SIZES, build, reset_cpu_peak, rss_kib, sync  # noqa: E402  (shared with the generation benchmark)
 
 
 def measure(impl, size, n_layer, device, dtype_name, seq, batch, steps, checkpointing):
@@ -78,8 +50,8 @@ def measure(impl, size, n_layer, device, dtype_name, seq, batch, steps, checkpoi
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**30
     else:
-        reset = _reset_cpu_peak()
-        before = _rss_kib("VmRSS") / 2**20
+        reset = reset_cpu_peak()
+        before = rss_kib("VmRSS") / 2**20
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -98,7 +70,7 @@ def measure(impl, size, n_layer, device, dtype_name, seq, batch, steps, checkpoi
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        peak = _rss_kib("VmHWM") / 2**20 if reset else None
+        peak = rss_kib("VmHWM") / 2**20 if reset else None
     n_trained = sum(p.numel() for p in trainable if optimizer.state.get(p))  # those AdamW stepped
     return dict(impl=impl, seq=seq, batch=batch, tokens_per_s=batch * seq * steps / elapsed, step_s=elapsed / steps,
                 peak_gib=peak, before_gib=before, loss=first_loss, n_trained=n_trained)
