@@ -169,8 +169,13 @@ def selective_step(
         y: (b, d) in x's dtype.
     """
     x32, dt32 = x.float(), dt.float()
-    new_state = state.float() * torch.exp(dt32[..., None] * A.float()) + (dt32 * x32)[..., None] * B.float()[:, None, :]
-    state.copy_(new_state)
+    decay = torch.exp(dt32[..., None] * A.float())  # (b, d, n)
+    if state.dtype == torch.float32 and not torch.is_grad_enabled():
+        # Decoding: update the state where it lies, without (b, d, n) temporaries beyond the decay.
+        new_state = state.mul_(decay).baddbmm_((dt32 * x32)[..., None], B.float()[:, None, :])
+    else:
+        new_state = state.float() * decay + (dt32 * x32)[..., None] * B.float()[:, None, :]
+        state.copy_(new_state)
     y = torch.matmul(new_state, C.float()[..., None])[..., 0]
     if D is not None:
         y = y + x32 * D.float()
