@@ -5,6 +5,7 @@
 
 Implementations, all with the same random weights where they share an architecture:
   ours        MLMambaForConditionalGeneration (text-only prompt), state cache, torch or kernels path
+  ours-graph  the same, each decoding step replayed from a CUDA graph (`enable_decode_graphs`; CUDA default)
   hf-mamba2   transformers' Mamba2ForCausalLM holding the same language-model weights
   phi         a transformer of the same width and depth class (PhiForCausalLM, sdpa), its KV cache
 
@@ -51,10 +52,12 @@ def build(impl: str, size: str, device: str, dtype: torch.dtype, **text_override
     text = dict(SIZES[size], chunk_size=256, **text_overrides)
     tiny = PRESETS["mlmamba-tiny"]()
     config = MLMambaConfig(vision_config=tiny["vision_config"], connector_config=tiny["connector_config"], text_config=text, image_token_id=50277)
-    if impl in ("ours", "hf-mamba2"):
+    if impl in ("ours", "ours-graph", "hf-mamba2"):
         ours = MLMambaForConditionalGeneration(config).to(device, dtype).eval()
         if impl == "ours":
             return ours
+        if impl == "ours-graph":
+            return ours.enable_decode_graphs()
         from transformers import Mamba2Config, Mamba2ForCausalLM
 
         d_inner = 2 * text["d_model"]
@@ -179,10 +182,12 @@ def main():
     parser.add_argument("--prompts", type=int, nargs="+", default=[829, 2048])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--impls", nargs="+", default=["ours", "hf-mamba2", "phi"])
+    parser.add_argument("--impls", nargs="+", default=None, help="default: ours hf-mamba2 phi, and ours-graph on CUDA")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args()
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.impls is None:
+        args.impls = ["ours", *(["ours-graph"] if args.device == "cuda" else []), "hf-mamba2", "phi"]
     if args.one:
         impl, prompt, batch = args.one.split(",")
         print(json.dumps(measure(impl, args.size, args.device, dtype_name, int(prompt), int(batch), args.new_tokens)))

@@ -101,10 +101,9 @@ class MLMambaCache:
         return [True] * len(self.conv_states)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows in place (beam search)."""
-        for states in (self.conv_states, self.ssm_states):
-            for i, s in enumerate(states):
-                states[i] = s.index_select(0, beam_idx.to(s.device))
+        """Select batch rows in place (beam search); the state tensors stay where they are (see `DecodeGraph`)."""
+        for s in self.conv_states + self.ssm_states:
+            s.copy_(s.index_select(0, beam_idx.to(s.device)))
 
     def copy(self, repeat: int = 1) -> "MLMambaCache":
         """An independent copy, each row repeated `repeat` times (row-major, like `repeat_interleave`).
@@ -122,6 +121,50 @@ class MLMambaCache:
 
     def nbytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.conv_states + self.ssm_states)
+
+
+class DecodeGraph:
+    """One decoding step of the language model for one cache, replayed from a CUDA graph.
+
+    A step of the 2.7B model launches some thousand small kernels (64 layers of projections, conv and
+    state updates); replaying them as one CUDA graph removes the launch overhead that dominates batch-1
+    decoding. The graph reads and writes the cache's state tensors where they are, so they must stay
+    there: `MLMambaCache.reorder_cache` works in place. `step(ids (b, 1))` returns the logits (b, 1, vocab)
+    in a buffer the next step overwrites.
+
+    Off CUDA the same object runs the step eagerly (no graph): the tests check that path on CPU.
+    """
+
+    def __init__(self, model: "MLMambaForConditionalGeneration", cache: MLMambaCache):
+        self.model, self.cache = model, cache
+        self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.conv_states[0].device)
+        self.graph = self.logits = None
+        if self.ids.is_cuda:
+            self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        states = self.cache.conv_states + self.cache.ssm_states
+        saved = [s.clone() for s in states]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles and autotunes outside the capture
+            for _ in range(2):
+                self.model._decode_logits(self.ids, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        for s, v in zip(states, saved):  # the warm-up advanced the states: undo it
+            s.copy_(v)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records, does not run
+            self.logits = self.model._decode_logits(self.ids, self.cache)
+
+    @torch.no_grad()
+    def step(self, ids: torch.LongTensor) -> torch.Tensor:
+        if self.graph is None:
+            return self.model._decode_logits(ids, self.cache)
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits
 
 
 # --------------------------------------------------------------------------------------
@@ -701,7 +744,49 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.d_model, config.text_config.vocab_size, bias=False)
+        self.use_decode_graphs = False  # see `enable_decode_graphs`
+        self._decode_graph: DecodeGraph | None = None
         self.post_init()
+
+    def enable_decode_graphs(self, enabled: bool = True) -> "MLMambaForConditionalGeneration":
+        """Replay each single-token decoding step from a CUDA graph (`DecodeGraph`), captured once per cache
+        at the first decoding step of a `generate()` call. Inference only; off CUDA steps run eagerly.
+        Untested on a GPU so far: `tests/test_gpu.py` checks it against the plain path where CUDA exists."""
+        self.use_decode_graphs = enabled
+        self._decode_graph = None
+        return self
+
+    def _decode_logits(self, input_ids: torch.LongTensor, cache: MLMambaCache) -> torch.Tensor:
+        """One token per row with a state cache, no checks and no data-dependent branches (capturable):
+        (b, 1) ids -> (b, 1, vocab) logits; the cache's states advance in place (not its seqlen_offset)."""
+        hidden, _ = self.model.language_model(self.model.language_model.embedding(input_ids), None, cache)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+
+    def _graph_step(self, input_ids, pixel_values, attention_mask, inputs_embeds, labels, cache, output_hidden_states, kwargs):
+        """Logits of a decoding step through `DecodeGraph` when enabled and the step is a plain one; else None."""
+        plain = (
+            self.use_decode_graphs
+            and not self.training
+            and not torch.is_grad_enabled()
+            and cache is not None
+            and cache.seqlen_offset > 0
+            and input_ids is not None
+            and input_ids.shape[1] == 1
+            and pixel_values is None
+            and inputs_embeds is None
+            and labels is None
+            and not output_hidden_states
+            and not set(kwargs) & PACKING_KWARGS
+            and (attention_mask is None or bool(attention_mask[:, -1:].all()))
+        )
+        if not plain:
+            return None
+        graph = self._decode_graph
+        if graph is None or graph.cache is not cache:  # one graph at a time, for the cache in use
+            graph = self._decode_graph = DecodeGraph(self, cache)
+        logits = graph.step(input_ids)
+        cache.seqlen_offset += 1
+        return logits.clone()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -765,6 +850,11 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         """
         cache = _cache_argument(cache, kwargs)
         _check_extra_kwargs(kwargs)
+        logits = self._graph_step(
+            input_ids, pixel_values, attention_mask, inputs_embeds, labels, cache, output_hidden_states, kwargs
+        )
+        if logits is not None:
+            return MLMambaCausalLMOutput(logits=logits, cache=cache)
         seq_idx = packed_sequence_index(
             attention_mask, kwargs.get("position_ids"), kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q")
         )

@@ -185,3 +185,28 @@ def test_streamers_repetition_penalty_stop_strings_and_eos_lists(family):
         )
         tail = processor.tokenizer.decode(early[0, n:], skip_special_tokens=True)
         assert stop in tail and early.shape[1] <= out.shape[1]
+
+
+@torch.no_grad()
+def test_decode_graph_path_equals_the_plain_path(family):
+    """`enable_decode_graphs()` sends each decoding step through `DecodeGraph` (a CUDA graph on a GPU, the same
+    capturable step run eagerly here): greedy, beam search (the cache reordered in place under the graph's
+    buffers) and a left-padded batch give the plain path's tokens, and prefill still takes the images."""
+    model, processor = family
+    inputs = chat_inputs(processor, "Which digit is this?", make_image(13))
+    prompts = [_prompt(processor, q) for q in ("What?", "Describe the image in detail, please.")]
+    batch = processor(images=[make_image(14), make_image(15)], text=prompts, padding=True)
+    beams = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    plain = [model.generate(**inputs, **GREEDY), model.generate(**inputs, **beams), model.generate(**batch, **GREEDY)]
+    calls = []
+    try:
+        model.enable_decode_graphs()
+        original = model._decode_logits
+        model._decode_logits = lambda ids, cache: calls.append(ids.shape) or original(ids, cache)
+        graphed = [model.generate(**inputs, **GREEDY), model.generate(**inputs, **beams), model.generate(**batch, **GREEDY)]
+    finally:
+        model.enable_decode_graphs(False)
+        del model._decode_logits
+    assert len(calls) == 11 + 7 + 11  # every decoding step after the prefill, none of the prefills
+    for a, b in zip(graphed, plain):
+        torch.testing.assert_close(a, b)

@@ -61,3 +61,22 @@ def test_kernels_equal_the_torch_path(cuda_family, monkeypatch):
         same = int((kernel_ids == torch_ids).all(0).long().cumprod(0).sum()) - inputs["input_ids"].shape[1]
         assert same >= 1
         torch.testing.assert_close(kernel_steps[:, :same], torch_steps[:, :same], atol=2e-3, rtol=2e-3)
+
+
+def test_decode_graphs_equal_the_plain_path(cuda_family):
+    """Decoding steps replayed from a CUDA graph give the eager steps' logits and tokens (greedy and beams)."""
+    model, processor = cuda_family
+    inputs = {k: v.cuda() for k, v in chat_inputs(processor, "Which digit is this?", make_image(22)).items()}
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    beams = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        plain, plain_beams = model.generate(**inputs, **kwargs), model.generate(**inputs, **beams)
+        model.enable_decode_graphs()
+        try:
+            graphed, graphed_beams = model.generate(**inputs, **kwargs), model.generate(**inputs, **beams)
+            assert model._decode_graph is not None and model._decode_graph.graph is not None  # really captured
+        finally:
+            model.enable_decode_graphs(False)
+    torch.testing.assert_close(torch.stack(graphed.logits, 1), torch.stack(plain.logits, 1), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(graphed.sequences, plain.sequences)
+    torch.testing.assert_close(graphed_beams, plain_beams)
