@@ -54,8 +54,12 @@ from .mamba2_mixer import (
     RoutePermutation,
     _check_contiguous,
     _pack_left_index,
+    causal_conv_silu,
+    causal_conv_step,
     check_scan,
+    conv_history,
     resolve_grid,
+    update_conv_state,
 )
 
 # exp() arguments are raised to this floor: exp(-60) ~ 1e-26 is nothing next to fp32 rounding, and it
@@ -372,28 +376,21 @@ class Mamba1Mixer(nn.Module):
 
     # ---- one route: conv, projections, scan -------------------------------------------------
 
-    def _scan_route(self, x, suffix, conv_state=None, initial_state=None, mask=None):
-        """x: (b, l, d_inner) (the in_proj half, in the route's order) -> y (b, l, d_inner) with the D skip,
-        not gated, and the final SSM state (b, d_inner, d_state) fp32. `conv_state` is only read here."""
+    def _scan_route(self, history, suffix, initial_state=None, mask=None):
+        """history: (b, d_conv + l, d_inner) from `conv_history` (the in_proj half, in the route's order,
+        after the conv state) -> y (b, l, d_inner) with the D skip, not gated, and the final SSM state
+        (b, d_inner, d_state) fp32."""
         conv, x_proj, dt_proj, A_log, D = (
             getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj", "A_log", "D")
         )
-        b, l, _ = x.shape
-        kernels = get_mamba1_kernels(x)
-        weight = conv.weight[:, 0]  # (d_inner, d_conv)
-
-        # Depthwise causal conv + SiLU, channels first. With a conv state, its last d_conv - 1 inputs come first.
-        xc = x.transpose(1, 2)
-        if conv_state is not None:
-            xc = torch.cat([conv_state[:, :, 1:].to(xc.dtype), xc], dim=-1)
-        if kernels is not None and kernels.conv_fn is not None:
-            xc = kernels.conv_fn(xc, weight, conv.bias)[:, :, -l:]
+        l = history.shape[1] - self.d_conv
+        kernels = get_mamba1_kernels(history)
+        if kernels is not None and kernels.conv_fn is not None:  # channels first: (b, d_inner, d_conv - 1 + l)
+            xc = kernels.conv_fn(history[:, 1:].transpose(1, 2), conv.weight[:, 0], conv.bias)[:, :, -l:].transpose(1, 2)
         else:
-            if conv_state is None:
-                xc = F.pad(xc, (self.d_conv - 1, 0))
-            xc = F.silu(F.conv1d(xc, conv.weight, conv.bias, groups=self.d_inner))  # (b, d_inner, l)
+            xc = causal_conv_silu(history, conv)  # (b, l, d_inner)
 
-        dt_low, B, C = torch.split(x_proj(xc.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_low, B, C = torch.split(x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_raw = F.linear(dt_low, dt_proj.weight)  # (b, l, d_inner), bias added with the softplus
         A = -torch.exp(A_log.float())
 
@@ -405,14 +402,14 @@ class Mamba1Mixer(nn.Module):
                 # softplus(-1e4 + bias) is exactly 0 in fp32: pads take no step and leave the state as it is.
                 dt_raw = dt_raw.masked_fill(~mask.bool()[:, :, None], -1e4)
             y, state = kernels.scan(
-                xc, dt_raw.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(), dt_proj.bias.float()
+                xc.transpose(1, 2), dt_raw.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(), dt_proj.bias.float()
             )
             return y.transpose(1, 2), state
         dt = F.softplus(dt_raw.float() + dt_proj.bias.float())
         if mask is not None:
             dt = dt * mask[:, :, None].to(dt.dtype)
         return selective_scan(
-            xc.transpose(1, 2), dt, A, B, C, D=D, initial_state=initial_state, chunk_size=self.chunk_size
+            xc, dt, A, B, C, D=D, initial_state=initial_state, chunk_size=self.chunk_size
         )
 
     @staticmethod
@@ -459,7 +456,6 @@ class Mamba1Mixer(nn.Module):
         return self._forward_causal(hidden_states, attention_mask, conv_state, ssm_state)
 
     def _forward_causal(self, u, attention_mask, conv_state, ssm_state):
-        b, l, _ = u.shape
         unpack = None
         if attention_mask is not None and not bool(attention_mask.all()):
             _check_contiguous(attention_mask)
@@ -474,14 +470,11 @@ class Mamba1Mixer(nn.Module):
         if attention_mask is not None:
             # Tokens sit at the front of every row now: pads at the end must not enter the conv state.
             x = x * attention_mask[:, :, None].to(x.dtype)
-        y, final_state = self._scan_route(x, "", conv_state, ssm_state, attention_mask)
+        history = conv_history(x, conv_state, self.d_conv)
+        y, final_state = self._scan_route(history, "", ssm_state, attention_mask)
 
         if conv_state is not None:
-            # New conv state: the last d_conv inputs up to each row's last real token.
-            history = torch.cat([conv_state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (b, d_inner, d_conv + l)
-            lengths = attention_mask.sum(1) if attention_mask is not None else torch.full((b,), l, device=u.device)
-            cols = lengths[:, None] + torch.arange(self.d_conv, device=u.device)[None]  # (b, d_conv)
-            conv_state.copy_(history.gather(2, cols[:, None, :].expand(-1, self.d_inner, -1)))
+            update_conv_state(conv_state, history, attention_mask.sum(1) if attention_mask is not None else None)
             ssm_state.copy_(final_state)
 
         out = self.out_proj(self._gate(y, z))
@@ -496,12 +489,7 @@ class Mamba1Mixer(nn.Module):
         if kernels is not None and kernels.conv_update is not None:
             x = kernels.conv_update(x, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)
         else:
-            conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-            conv_state[:, :, -1] = x.to(conv_state.dtype)
-            x = torch.sum(conv_state * self.conv1d.weight[:, 0], dim=-1)
-            if self.conv1d.bias is not None:
-                x = x + self.conv1d.bias
-            x = F.silu(x).to(u.dtype)
+            x = causal_conv_step(conv_state, x, self.conv1d).to(u.dtype)
         dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_raw = F.linear(dt_low, self.dt_proj.weight)
         A = -torch.exp(self.A_log.float())
@@ -520,7 +508,7 @@ class Mamba1Mixer(nn.Module):
         y = None
         for route, suffix in zip(self.routes, self.route_suffixes):
             perm = RoutePermutation(route, h, w, u.device)
-            y_r, _ = self._scan_route(perm.to_route(x), suffix)
+            y_r, _ = self._scan_route(conv_history(perm.to_route(x), None, self.d_conv), suffix)
             y_r = perm.to_rows(y_r).float()
             y = y_r if y is None else y + y_r
         # mean over routes of y_r * silu(z) (the gate is the same for every route)

@@ -43,6 +43,16 @@ from torch import nn
 
 
 
+def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / rms(x) over the last dimension, (..., 1), from one reduction pass (no x**2 temporary)."""
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
+
+
+# The norms below, like the scan, work in place on their own temporaries when autograd is off
+# (inference): every large temporary a CPU allocates is fresh memory the kernel has to map, and on the
+# 2-core machine here that cost more than the arithmetic of these elementwise passes.
+
+
 class RMSNormGated(nn.Module):
     """`rmsnorm(x * silu(z)) * weight`, normalised per group of `group_size` channels, in fp32."""
 
@@ -54,16 +64,19 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        inplace = z is not None and not torch.is_grad_enabled()  # then x is a temporary of our own
         if z is not None:
-            x = x * F.silu(z.float())
+            x = F.silu(z.float()).mul_(x) if inplace else x.float() * F.silu(z.float())
+        else:
+            x = x.float()
         x = x.unflatten(-1, (-1, self.group_size))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.flatten(-2) * self.weight.float()).to(dtype)
+        x = x.mul_(_rms_scale(x, self.eps)) if inplace else x * _rms_scale(x, self.eps)
+        x = x.flatten(-2)
+        return (x.mul_(self.weight.float()) if inplace else x * self.weight.float()).to(dtype)
 
 
 class RMSNorm(nn.Module):
-    """Plain RMSNorm computed in fp32 (mamba_ssm's `RMSNorm`), output in `out_dtype` or the weight dtype."""
+    """Plain RMSNorm computed in fp32 (mamba_ssm's `RMSNorm`), output in the weight dtype."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -72,8 +85,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(self.weight.dtype)
+        x32 = x32 * _rms_scale(x32, self.eps)  # a new tensor: x (the residual stream) is left as it is
+        x32 = x32.mul_(self.weight.float()) if not torch.is_grad_enabled() else x32 * self.weight.float()
+        return x32.to(self.weight.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -85,6 +99,14 @@ class RMSNorm(nn.Module):
 # 1438 / 1171 / 1165 / 1397 ms at 829 tokens and 3615 / 3342 / 3137 / 3236 ms at 2048 tokens with chunks
 # of 256 (the kernels' and the config's) / 128 / 64 / 32.
 TORCH_CHUNK_SIZE = 64
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b (broadcast) as a new contiguous tensor, whatever the strides of a and b, written in one
+    pass when autograd is off."""
+    if torch.is_grad_enabled():
+        return (a * b).contiguous()
+    return torch.mul(a, b, out=a.new_empty(torch.broadcast_shapes(a.shape, b.shape)))
 
 
 def ssd_chunk_scan(
@@ -111,63 +133,85 @@ def ssd_chunk_scan(
     Returns:
         y: (b, l, h, p) in x's dtype and final_state: (b, h, p, n) in fp32.
 
-    Inside, heads are split as (g, j) with j = h // g, and every product is a batched matmul over
-    (b, c, g[, j]) with time and features as the matrix dimensions.
+    Heads are split as (g, j) with j = h // g. Tensors keep the token-major layout of x,
+    (b, c, s, h, p) with c chunks of s positions, except the (t, s) mixing inside a chunk, which is
+    computed per head. The products with B and C are one matmul per chunk and group over all its
+    heads' channels (j * p rows). Without autograd (inference) the large tensors are updated in place.
     """
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     j = h // g
     dtype = x.dtype
+    inplace = not torch.is_grad_enabled()
     pad = (-l) % chunk_size
-    c = (l + pad) // chunk_size
+    c, q = (l + pad) // chunk_size, chunk_size
     if pad:
         # Zero steps and zero inputs leave the state as it is, so padding does not change it.
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    x = x.float().view(b, c, chunk_size, g, j, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, j, s, p)
-    dt = dt.float().view(b, c, chunk_size, g, j).permute(0, 1, 3, 4, 2)  # (b, c, g, j, s)
-    B = B.float().view(b, c, chunk_size, g, n).transpose(2, 3)  # (b, c, g, s, n)
-    C = C.float().view(b, c, chunk_size, g, n).transpose(2, 3)  # (b, c, g, t, n)
+    x = x.float().view(b, c, q, h, p)
+    dt = dt.float().view(b, c, q, h)
+    B = B.float().view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, s, n)
+    C = C.float().view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, t, n)
+    # exp() of every decay is taken of exponents raised to at least -60: exp(-60) ~ 1e-26 is nothing next
+    # to fp32 rounding, and it keeps exp() and the products after it off denormal numbers, which made
+    # them 10-40 times slower on CPUs.
+    dA_cumsum = torch.cumsum(dt * A.float(), dim=2)  # (b, c, s, h), within each chunk
+    dA_heads = dA_cumsum.transpose(2, 3).contiguous()  # (b, c, h, s)
+    dt_heads = dt.transpose(2, 3)  # (b, c, h, s)
 
-    dA_cumsum = torch.cumsum(dt * A.float().view(g, j, 1), dim=-1)  # (b, c, g, j, s)
-    xdt = x * dt[..., None]  # (b, c, g, j, s, p)
+    # 1. Within each chunk: y[t] = sum_{s<=t} (C_t . B_s) exp(dA_cumsum[t] - dA_cumsum[s]) dt_s x_s
+    #    (differences of the cumulative sum, as mamba_ssm's kernels compute them). For s > t the
+    #    difference is >= 0: it is clamped to 0 and the causal mask on the small C.B matrix zeroes it.
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    CB = (C @ B.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, :, None]  # (b, c, g, 1, t, s)
+    L = dA_heads.view(b, c, g, j, q, 1) - dA_heads.view(b, c, g, j, 1, q)  # (b, c, g, j, t, s)
+    L = L.clamp_(-60.0, 0.0).exp_().mul_(CB) if inplace else torch.exp(L.clamp(-60.0, 0.0)) * CB
+    xdt = _product(x.transpose(2, 3), dt_heads[..., None])  # head-major: (b, c, h, s, p)
+    y_diag = L @ xdt.view(b, c, g, j, q, p)  # (b, c, g, j, t, p)
+    del L
 
-    # 1. Within each chunk: y[t] = sum_{s<=t} (C_t . B_s) exp(dA_cumsum[t] - dA_cumsum[s]) xdt[s]
-    #    (differences of the cumulative sum, as mamba_ssm's kernels compute them)
-    #    Exponents below -60 are raised to -60: exp(-60) ~ 1e-26 is nothing next to fp32 rounding, and
-    #    it keeps exp() off denormal numbers, which made it ten times slower on CPUs.
-    #    In place only without autograd (inference), where the (t, s) matrices dominate memory traffic.
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
-    CB = (C @ B.transpose(-1, -2))[:, :, :, None]  # C_t . B_s, shared by the heads of a group
-    M = dA_cumsum[..., :, None] - dA_cumsum[..., None, :]  # (b, c, g, j, t, s)
-    if torch.is_grad_enabled():
-        M = torch.exp(M.clamp(min=-60.0).masked_fill(~causal, -torch.inf)) * CB
-    else:
-        M = M.clamp_(min=-60.0).masked_fill_(~causal, -torch.inf).exp_().mul_(CB)
-    y = M @ xdt  # (b, c, g, j, t, p)
-    del M, CB
-
-    # 2. The state each chunk adds by its end: sum_s exp(dA_cumsum[end] - dA_cumsum[s]) xdt_s B_s^T
-    decay_to_end = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)  # (b, c, g, j, s)
-    chunk_states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B[:, :, :, None]  # (b, c, g, j, p, n)
+    # 2. The state each chunk adds by its end: sum_s exp(dA_cumsum[end] - dA_cumsum[s]) dt_s x_s B_s^T.
+    #    States are kept transposed, (n, j * p) per group: B^T (n, s) @ (s, j * p) reads x token-major.
+    decay_to_end = torch.exp((dA_cumsum[:, :, -1:] - dA_cumsum).clamp(min=-60.0))  # (b, c, s, h)
+    xw = x * (dt * decay_to_end)[..., None]  # (b, c, s, h, p)
+    if g > 1:
+        xw = xw.view(b, c, q, g, j * p).transpose(2, 3)
+    chunk_states = B.transpose(-1, -2) @ xw.view(b, c, g, q, j * p)  # (b, c, g, n, j * p)
 
     # 3. Carry the state across chunks (c = l / chunk_size steps).
-    state = (
-        initial_state.float().view(b, g, j, p, n) if initial_state is not None else x.new_zeros(b, g, j, p, n)
-    )
-    chunk_decay = torch.exp(dA_cumsum[..., -1])  # (b, c, g, j)
-    states_before = []
-    for i in range(c):
-        states_before.append(state)
-        state = state * chunk_decay[:, i, :, :, None, None] + chunk_states[:, i]
-    states_before = torch.stack(states_before, dim=1)  # (b, c, g, j, p, n)
+    if initial_state is None:
+        state = x.new_zeros(b, g, n, j * p)
+    else:
+        state = initial_state.float().view(b, g, j, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, j * p)
+    chunk_decay = torch.exp(dA_cumsum[:, :, -1].clamp(min=-60.0)).view(b, c, g, 1, j, 1)
+    chunk_states = chunk_states.view(b, c, g, n, j, p)
+    state = state.view(b, g, n, j, p)
+    if inplace:  # the state entering chunk i takes the place of what chunk i adds, once that is read
+        for i in range(c):
+            entering = state
+            state = torch.addcmul(chunk_states[:, i], entering, chunk_decay[:, i])
+            chunk_states[:, i] = entering
+        states_before = chunk_states
+    else:
+        states_before = []
+        for i in range(c):
+            states_before.append(state)
+            state = torch.addcmul(chunk_states[:, i], state, chunk_decay[:, i])
+        states_before = torch.stack(states_before, dim=1)
 
-    # 4. What the state entering each chunk contributes: y[t] += exp(dA_cumsum[t]) C_t . state
-    y = y + (C[:, :, :, None] @ states_before.transpose(-1, -2)) * torch.exp(dA_cumsum)[..., None]
+    # 4. What the state entering each chunk contributes: y[t] += exp(dA_cumsum[t]) C_t . state,
+    #    as (t, n) @ (n, j * p) per chunk and group, token-major.
+    y = C @ states_before.view(b, c, g, n, j * p)  # (b, c, g, t, j * p)
+    y = y.view(b, c, g, q, j, p).transpose(2, 3).reshape(b, c, q, h, p)  # a view when g == 1
+    decay_from_start = torch.exp(dA_cumsum.clamp(min=-60.0))[..., None]  # (b, c, t, h, 1)
+    y_diag = y_diag.view(b, c, h, q, p).transpose(2, 3)  # (b, c, t, h, p), strided
+    y = y.mul_(decay_from_start).add_(y_diag) if inplace else y * decay_from_start + y_diag
     if D is not None:
-        y = y + x * D.float().view(g, j, 1, 1)
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * chunk_size, h, p)[:, :l]
-    return y.to(dtype), state.view(b, h, p, n)
+        D = D.float().view(h, 1)
+        y = y.addcmul_(x, D) if inplace else torch.addcmul(y, x, D)
+    final_state = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # (b, g, n, j, p) -> (b, h, p, n)
+    return y.view(b, c * q, h, p)[:, :l].to(dtype), final_state
 
 
 def ssd_step(
@@ -190,25 +234,25 @@ def ssd_step(
     """
     b, h, p = x.shape
     g, n = B.shape[-2:]
-    hg = h // g
-    dtype = x.dtype
-    x32, dt32 = x.float(), dt.float()
-    dA = torch.exp(dt32 * A.float())  # (b, h)
-    Bh = B.float().repeat_interleave(hg, dim=1)  # (b, h, n)
-    Ch = C.float().repeat_interleave(hg, dim=1)
-    dtx = dt32[:, :, None] * x32  # (b, h, p)
+    j = h // g
+    x32 = x.float()
+    dA = torch.exp(dt.float() * A.float())  # (b, h)
+    dtx = (dt.float()[:, :, None] * x32).view(b * g, j * p, 1)
+    B = B.float().reshape(b * g, 1, n)
+    C = C.float().reshape(b * g, n, 1)
+    # The heads of a group share B and C: one (j * p, n) matrix per group takes the outer product with B
+    # and the product with C.
     if state.dtype == torch.float32 and not torch.is_grad_enabled():
         # Decoding: update the state where it lies, two passes over it and no (b, h, p, n) temporaries
         # (the state is the largest tensor a step touches besides the weights).
-        new_state = state.mul_(dA[:, :, None, None])
-        new_state.view(b * h, p, n).baddbmm_(dtx.reshape(b * h, p, 1), Bh.reshape(b * h, 1, n))
+        new_state = state.mul_(dA[:, :, None, None]).view(b * g, j * p, n).baddbmm_(dtx, B)
     else:
-        new_state = state.float() * dA[:, :, None, None] + dtx[..., None] * Bh[:, :, None, :]
-        state.copy_(new_state)
-    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+        new_state = torch.baddbmm((state.float() * dA[:, :, None, None]).view(b * g, j * p, n), dtx, B)
+        state.copy_(new_state.view(b, h, p, n))
+    y = torch.bmm(new_state, C).view(b, h, p)
     if D is not None:
-        y = y + x32 * D.float()[:, None]
-    return y.to(dtype)
+        y = torch.addcmul(y, x32, D.float()[:, None])
+    return y.to(x.dtype)
 
 
 def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
@@ -228,6 +272,56 @@ def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
             y = y + x[:, t].float() * D.float()[:, None]
         ys.append(y.to(x.dtype))
     return torch.stack(ys, dim=1), state
+
+
+# --------------------------------------------------------------------------------------
+# Causal depthwise conv of both mixers, token-major: (b, l, d) in and out, as in_proj lays them out.
+# The "history" of a call is [the d_conv inputs before it; its inputs]: (b, d_conv + l, d). The conv
+# reads it, and the next conv state is a slice of it.
+# --------------------------------------------------------------------------------------
+
+
+def conv_history(x: torch.Tensor, conv_state: torch.Tensor | None, d_conv: int) -> torch.Tensor:
+    """x: (b, l, d); conv_state: (b, d, d_conv), the last d_conv inputs before x, or None (zeros).
+    Returns (b, d_conv + l, d), token-major."""
+    if conv_state is None:
+        return F.pad(x, (0, 0, d_conv, 0))
+    return torch.cat([conv_state.transpose(1, 2).to(x.dtype), x], dim=1)
+
+
+def causal_conv_silu(history: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """SiLU of the depthwise causal conv of the inputs in `history` (b, d_conv + l, d) -> (b, l, d).
+
+    Runs as a conv2d over a (b, d, 1, time) channels-last view of the token-major tensor, so no
+    transposed copy is made on the way in or out (the output is channels-last too): on a CPU that was
+    five times faster than conv1d over a (b, d, time) copy, and it hands the scan token-major rows.
+    """
+    x = history[:, 1:].transpose(1, 2).unsqueeze(2)  # (b, d, 1, d_conv - 1 + l), channels-last strides
+    out = F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, groups=x.shape[1])  # (b, d, 1, l)
+    return F.silu(out.squeeze(2).transpose(1, 2), inplace=not torch.is_grad_enabled())
+
+
+def update_conv_state(conv_state: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+    """conv_state (b, d, d_conv) <- the last d_conv inputs up to each row's last token, in place.
+
+    history: (b, d_conv + l, d) from `conv_history`; lengths: (b,) tokens per row (at the front of the
+    row), or None for all l. A row of length 0 keeps its state."""
+    d_conv = conv_state.shape[-1]
+    if lengths is None:
+        conv_state.copy_(history[:, -d_conv:].transpose(1, 2))
+        return
+    rows = lengths[:, None] + torch.arange(d_conv, device=history.device)[None]  # (b, d_conv)
+    conv_state.copy_(history.gather(1, rows[:, :, None].expand(-1, -1, history.shape[2])).transpose(1, 2))
+
+
+def causal_conv_step(conv_state: torch.Tensor, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """One new input per row, x (b, d): conv_state (b, d, d_conv) shifts it in (in place) and the
+    SiLU of the conv at that position is returned, (b, d)."""
+    conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None].to(conv_state.dtype)], dim=-1))
+    out = torch.linalg.vecdot(conv_state, conv.weight[:, 0].to(conv_state.dtype))
+    if conv.bias is not None:
+        out = out + conv.bias
+    return F.silu(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -509,17 +603,6 @@ class Mamba2Mixer(nn.Module):
             dt = dt.clamp(*self.dt_limit)
         return dt
 
-    def _conv(self, xBC: torch.Tensor, conv: nn.Conv1d, conv_state: torch.Tensor | None) -> torch.Tensor:
-        """Causal depthwise conv + SiLU. xBC: (b, l, conv_dim); conv_state: (b, conv_dim, d_conv) or None."""
-        l = xBC.shape[1]
-        x = xBC.transpose(1, 2)
-        if conv_state is None:
-            x = F.pad(x, (self.d_conv - 1, 0))
-        else:
-            x = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=-1)
-        out = F.conv1d(x, conv.weight, conv.bias, groups=self.conv_dim)
-        return F.silu(out[:, :, :l]).transpose(1, 2)
-
     def _scan(self, xBC, dt, A_log, D, initial_state=None):
         """xBC: (b, l, conv_dim) after conv; dt: (b, l, h) -> y (b, l, d_inner), final state."""
         b, l, _ = xBC.shape
@@ -579,7 +662,6 @@ class Mamba2Mixer(nn.Module):
         return self._forward_causal(hidden_states, attention_mask, conv_state, ssm_state)
 
     def _forward_causal(self, u, attention_mask, conv_state, ssm_state):
-        b, l, _ = u.shape
         unpack = None
         if attention_mask is not None and not bool(attention_mask.all()):
             _check_contiguous(attention_mask)
@@ -594,19 +676,15 @@ class Mamba2Mixer(nn.Module):
         if attention_mask is not None:
             # Tokens sit at the front of every row now: pads at the end must not enter the conv state.
             xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
-        xBC_in = xBC
-        xBC = self._conv(xBC, self.conv1d, conv_state)
+        history = conv_history(xBC, conv_state, self.d_conv)
+        xBC = causal_conv_silu(history, self.conv1d)
         dt = self._dt(dt_raw, self.dt_bias)
         if attention_mask is not None:
             dt = dt * attention_mask[:, :, None].to(dt.dtype)
         y, final_state = self._scan(xBC, dt, self.A_log, self.D, initial_state=ssm_state)
 
         if conv_state is not None:
-            # New conv state: the last d_conv inputs up to each row's last real token.
-            history = torch.cat([conv_state.to(xBC_in.dtype), xBC_in.transpose(1, 2)], dim=-1)  # (b, conv_dim, d_conv + l)
-            lengths = attention_mask.sum(1) if attention_mask is not None else torch.full((b,), l, device=u.device)
-            cols = lengths[:, None] + torch.arange(self.d_conv, device=u.device)[None]  # (b, d_conv)
-            conv_state.copy_(history.gather(2, cols[:, None, :].expand(-1, self.conv_dim, -1)))
+            update_conv_state(conv_state, history, attention_mask.sum(1) if attention_mask is not None else None)
             ssm_state.copy_(final_state)
 
         y = self.norm(y, z)
@@ -622,12 +700,7 @@ class Mamba2Mixer(nn.Module):
         if kernels is not None and kernels.conv_update is not None:
             xBC = kernels.conv_update(xBC, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias)
         else:
-            conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-            conv_state[:, :, -1] = xBC.to(conv_state.dtype)
-            xBC = torch.sum(conv_state * self.conv1d.weight[:, 0], dim=-1)
-            if self.conv1d.bias is not None:
-                xBC = xBC + self.conv1d.bias
-            xBC = F.silu(xBC)
+            xBC = causal_conv_step(conv_state, xBC, self.conv1d)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         b = u.shape[0]
         A = -torch.exp(self.A_log.float())
@@ -650,9 +723,8 @@ class Mamba2Mixer(nn.Module):
         for route, suffix in zip(self.routes, self.route_suffixes):
             perm = RoutePermutation(route, h, w, u.device)
             conv, dt_bias, A_log, D = (getattr(self, name + suffix) for name in ("conv1d", "dt_bias", "A_log", "D"))
-            y_r, _ = self._scan(
-                self._conv(perm.to_route(xBC), conv, None), self._dt(perm.to_route(dt_raw), dt_bias), A_log, D
-            )
+            xBC_r = causal_conv_silu(conv_history(perm.to_route(xBC), None, self.d_conv), conv)
+            y_r, _ = self._scan(xBC_r, self._dt(perm.to_route(dt_raw), dt_bias), A_log, D)
             # As released: each route is gated and normalised on its own (in row-major order), then
             # the routes are averaged.
             y_r = self.norm(perm.to_rows(y_r), z)

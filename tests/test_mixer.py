@@ -23,11 +23,13 @@ def _inputs(b=2, l=37, h=4, p=8, g=2, n=16, seed=0):
     return x, dt, A, B, C, D, s0
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference-in-place"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 8, 37, 64])
-def test_chunk_scan_equals_recurrence_for_any_chunk_size(chunk_size):
+def test_chunk_scan_equals_recurrence_for_any_chunk_size(chunk_size, grad):
     x, dt, A, B, C, D, s0 = _inputs()
     y_ref, state_ref = ssd_naive(x, dt, A, B, C, D, initial_state=s0)
-    y, state = ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, initial_state=s0)
+    with torch.set_grad_enabled(grad):
+        y, state = ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, initial_state=s0)
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(state, state_ref, atol=1e-4, rtol=1e-4)
 
