@@ -111,6 +111,12 @@ class MLMambaTextConfig(PretrainedConfig):
     Cobra's and VL-Mamba's Mamba-2.8B-Zephyr). headdim, ngroups, chunk_size, A_init_range and dt_limit are
     Mamba-2 fields; dt_rank, dt_init and dt_scale are Mamba-1 fields; the others are shared.
     `vocab_size` is the size of the embedding matrix (already padded, e.g. 50277 -> 50288).
+
+    `max_prefill_tokens` is an inference setting, not architecture: with a state cache and no autograd,
+    a longer prompt goes through the layers in pieces of at most this many tokens, the state carried
+    from piece to piece (chunked prefill). The result is the same; the activation memory stops growing
+    with the prompt and, on a CPU, a layer's activations stay in cache. None picks per device
+    (`default_max_prefill_tokens`); 0 never splits.
     """
 
     model_type = "mlmamba_text"
@@ -143,9 +149,16 @@ class MLMambaTextConfig(PretrainedConfig):
         dt_rank="auto",
         dt_init: str = "random",
         dt_scale: float = 1.0,
+        max_prefill_tokens: int | None = None,
         **kwargs,
     ):
         self.ssm_layer = ssm_layer
+        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 0):
+            raise ValueError(
+                f"max_prefill_tokens={max_prefill_tokens!r}: use a number of tokens, 0 to never split prompts, "
+                "or None for the device's default"
+            )
+        self.max_prefill_tokens = max_prefill_tokens
         self.dt_rank = dt_rank
         self.dt_init = dt_init
         self.dt_scale = dt_scale

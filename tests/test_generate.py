@@ -144,6 +144,45 @@ def test_right_padded_prefill_leaves_each_rows_state_as_alone(family):
 
 
 @torch.no_grad()
+def test_chunked_prefill_equals_one_pass(family, monkeypatch):
+    """A prompt fed through the layers in pieces (`text_config.max_prefill_tokens`, chunked prefill) gives the
+    logits, hidden states and cache states of one pass, for a left-padded batch with images, where some pieces
+    are all padding for the short row; generate() then gives the same tokens."""
+    model, processor = family
+    prompts = [_prompt(processor, q) for q in ("What?", "Describe the image in detail, please, every part of it.")]
+    batch = processor(images=[make_image(16), make_image(17)], text=prompts, padding=True)
+    length = batch["input_ids"].shape[1]
+    pad = int((batch["attention_mask"][0] == 0).sum())
+    piece = 7
+    assert pad > piece and length > 3 * piece  # whole pieces of padding, and several pieces in all
+
+    monkeypatch.setattr(model.config.text_config, "max_prefill_tokens", 0)  # never split
+    whole = model(**batch, use_cache=True, output_hidden_states=True)
+    tokens = model.generate(**batch, **GREEDY)
+
+    monkeypatch.setattr(model.config.text_config, "max_prefill_tokens", piece)
+    lm = model.model.language_model
+    passes = []
+    original = lm._forward_layers
+    monkeypatch.setattr(lm, "_forward_layers", lambda embeds, *a: passes.append(embeds.shape[1]) or original(embeds, *a))
+    pieces = model(**batch, use_cache=True, output_hidden_states=True)
+    assert passes == [piece] * (length // piece) + ([length % piece] if length % piece else [])
+
+    def close(a, b):  # float rounding of other scan chunk boundaries, relative to the magnitude
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max(), rtol=1e-5)
+
+    tokens_only = batch["attention_mask"].bool()  # outputs at padding positions are unspecified
+    close(pieces.logits[tokens_only], whole.logits[tokens_only])
+    assert len(pieces.hidden_states) == len(whole.hidden_states)
+    for a, b in zip(pieces.hidden_states, whole.hidden_states):
+        close(a[tokens_only], b[tokens_only])
+    assert pieces.cache.seqlen_offset == whole.cache.seqlen_offset == length
+    for a, b in zip(pieces.cache.conv_states + pieces.cache.ssm_states, whole.cache.conv_states + whole.cache.ssm_states):
+        close(a, b)
+    torch.testing.assert_close(model.generate(**batch, **GREEDY), tokens)
+
+
+@torch.no_grad()
 def test_streamers_repetition_penalty_stop_strings_and_eos_lists(family):
     """The generate() options of a chat UI: cached equals uncached, and the streamers see exactly the output."""
     from threading import Thread

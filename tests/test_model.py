@@ -224,6 +224,8 @@ def test_unknown_config_values_are_refused():
         MLMambaConfig(**{**base, "image_token_id": 9999})
     with pytest.raises(ValueError, match="must split into heads"):
         MLMambaConfig(**{**base, "text_config": {**base["text_config"], "headdim": 48}})
+    with pytest.raises(ValueError, match=r"max_prefill_tokens=-1: use a number of tokens, 0 to never split"):
+        MLMambaConfig(**{**base, "text_config": {**base["text_config"], "max_prefill_tokens": -1}})
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("mlmamba-7b")
 
