@@ -1,7 +1,7 @@
 """Side-by-side generation benchmark: prefill time, decode tokens/s and peak memory in ONE run.
 
     python benchmarks/bench_generate.py                       # CPU: mamba2-130m size, prompts 829 and 2048
-    python benchmarks/bench_generate.py --size 2.7b --device cuda --prompts 1024 8192 32768 --batch 1 8
+    python benchmarks/bench_generate.py --size 2.7b --device cuda --prompts 1024 8192 32768 --batch 1 8 --repeats 1
 
 Implementations, all with the same random weights where they share an architecture:
   ours        MLMambaForConditionalGeneration (text-only prompt), state cache, torch or kernels path
@@ -11,8 +11,10 @@ Implementations, all with the same random weights where they share an architectu
 
 Prefill = time to the first generated token; decode tokens/s from the time stamps of the following
 tokens (a stopping criterion records them). The prefill limit counts 2 FLOPs per weight and token
-(embeddings and head excluded); the scan's and attention's own FLOPs are not counted. Each
-measurement runs in its own subprocess, and its peak memory is that of the timed generate() with the
+(embeddings and head excluded) plus the sequence mixing: the SSM recurrence, 4 FLOPs per state element
+and token, or causal attention, 2 * prompt * hidden per token and layer. Each measurement runs in its
+own subprocess after a warm-up generate() at the same shape; `--repeats` runs (interleaved across the
+rows) give the median. Its peak memory is that of the timed generate() with the
 model loaded (CPU: peak resident set size, VmHWM, restarted after the warm-up once the model stands
 alone in the process; CUDA: max_memory_allocated). The run also measures the
 machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth (the output layer),
@@ -116,6 +118,13 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     weight_bytes = sum(p.numel() * p.element_size() for _, p in lm if tied or p is not embedding)
     # prefill FLOPs: every weight but the embeddings and the head (computed for the last token only)
     n_params = sum(p.numel() for _, p in lm if p is not embedding and p is not head)
+    # plus the sequence mixing that has no weights: the SSM recurrence (x B^T into the state and C out of it,
+    # 4 FLOPs per state element and token) or causal attention (QK^T and AV, 2 * prompt * hidden per token)
+    text = dict(SIZES[size])
+    if impl == "phi":
+        mixing_flops = PHI[size]["num_hidden_layers"] * batch * 2 * prompt * prompt * PHI[size]["hidden_size"]
+    else:
+        mixing_flops = text["n_layer"] * batch * prompt * 4 * 2 * text["d_model"] * text["d_state"]
     ids = torch.randint(0, 50000, (batch, prompt), device=device)
     from transformers import StoppingCriteria
 
@@ -131,7 +140,9 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     with torch.no_grad():
-        model.generate(input_ids=ids[:, :64], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        # Warm-up at the measured shape: Triton compiles and autotunes per shape, and a CPU process maps the
+        # memory of its first long prompt once (every implementation gets the same warm-up).
+        model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:  # the peak of this generate() alone, not of building the model (hf-mamba2 copies ours)
@@ -148,7 +159,7 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     else:
         peak = rss_kib("VmHWM") / 2**20 if reset else float("nan")
     return dict(impl=impl, prompt=prompt, batch=batch, prefill_ms=prefill * 1e3, decode_tps=batch * new_tokens / decode_s,
-                peak_gib=peak, n_params=n_params, weight_bytes=weight_bytes)
+                peak_gib=peak, n_params=n_params, mixing_flops=mixing_flops, weight_bytes=weight_bytes)
 
 
 def machine_limits(device, dtype):
@@ -183,6 +194,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--impls", nargs="+", default=None, help="default: ours hf-mamba2 phi, and ours-graph on CUDA")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each row, interleaved across rows; the median is reported (default 3)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args()
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -195,19 +208,23 @@ def main():
 
     flops, bandwidth = machine_limits(args.device, getattr(torch, dtype_name))
     print(f"machine: {args.device}, {dtype_name}; matmul {flops / 1e9:.0f} GFLOP/s; matrix-vector {bandwidth / 1e9:.1f} GB/s")
-    rows = []
-    for prompt in args.prompts:
-        for batch in args.batch:
-            for impl in args.impls:
-                cmd = [sys.executable, __file__, "--one", f"{impl},{prompt},{batch}", "--size", args.size, "--device",
-                       args.device, "--dtype", dtype_name, "--new-tokens", str(args.new_tokens)]
-                run = subprocess.run(cmd, capture_output=True, text=True)
-                if run.returncode:
-                    tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
-                    rows.append(dict(impl=impl, prompt=prompt, batch=batch, error=tail[:80]))
-                else:
-                    rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
-                print(_fmt(rows[-1], flops, bandwidth), flush=True)
+    cases = [(prompt, batch, impl) for prompt in args.prompts for batch in args.batch for impl in args.impls]
+    runs = {case: [] for case in cases}
+    for repeat in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
+        for prompt, batch, impl in cases:
+            cmd = [sys.executable, __file__, "--one", f"{impl},{prompt},{batch}", "--size", args.size, "--device",
+                   args.device, "--dtype", dtype_name, "--new-tokens", str(args.new_tokens)]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:
+                tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
+                runs[(prompt, batch, impl)].append(dict(impl=impl, prompt=prompt, batch=batch, error=tail[:80]))
+            else:
+                runs[(prompt, batch, impl)].append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(f"(run {repeat + 1} of {args.repeats} done)", flush=True)
+    rows = [_median(results) for results in runs.values()]
+    print(f"\nmedians of {args.repeats} runs (spread min-max):")
+    for row in rows:
+        print(_fmt(row, flops, bandwidth))
     print("\nratios (ours / other; > 1 means ours is better):")
     for prompt in args.prompts:
         for batch in args.batch:
@@ -220,14 +237,31 @@ def main():
                       f"  decode x{o['decode_tps'] / x['decode_tps']:.2f}  peak memory x{x['peak_gib'] / o['peak_gib']:.2f}")
 
 
+def _median(results):
+    """One row from the repeats of a measurement: the median of each figure, and the spread of the timings."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    row = dict(ok[0])
+    for key in ("prefill_ms", "decode_tps", "peak_gib"):
+        values = sorted(r[key] for r in ok)
+        row[key] = values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1 : len(values) // 2 + 1]) / 2
+        row[key + "_range"] = (values[0], values[-1])
+    return row
+
+
 def _fmt(r, flops, bandwidth):
     if "error" in r:
         return f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: {r['error']}"
-    prefill_limit = 2 * r["n_params"] * r["prompt"] * r["batch"] / flops * 1e3
+    prefill_limit = (2 * r["n_params"] * r["prompt"] * r["batch"] + r["mixing_flops"]) / flops * 1e3
     decode_limit = bandwidth / r["weight_bytes"] * r["batch"]
+    spread = ""
+    if "prefill_ms_range" in r:
+        (p0, p1), (d0, d1) = r["prefill_ms_range"], r["decode_tps_range"]
+        spread = f"  [prefill {p0:.0f}-{p1:.0f} ms, decode {d0:.1f}-{d1:.1f}]"
     return (f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: prefill {r['prefill_ms']:8.0f} ms "
             f"(limit {prefill_limit:6.0f} ms, {prefill_limit / r['prefill_ms']:4.0%})  decode {r['decode_tps']:7.1f} tok/s "
-            f"(limit {decode_limit:6.1f}, {r['decode_tps'] / decode_limit:4.0%})  peak {r['peak_gib']:.2f} GiB")
+            f"(limit {decode_limit:6.1f}, {r['decode_tps'] / decode_limit:4.0%})  peak {r['peak_gib']:.2f} GiB{spread}")
 
 
 if __name__ == "__main__":
