@@ -17,8 +17,10 @@ own subprocess after a warm-up generate() at the same shape; `--repeats` runs (i
 rows) give the median. Its peak memory is that of the timed generate() with the
 model loaded (CPU: peak resident set size, VmHWM, restarted after the warm-up once the model stands
 alone in the process; CUDA: max_memory_allocated). The run also measures the
-machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth (the output layer),
-and prints each figure's ratio to the limit it is bound by:
+machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth, over the language
+model's weight matrices read in turn as a decoding step reads them (also printed: over the output layer
+alone, which a large CPU cache can hold between repeats, so it overstates what decoding can stream), and
+prints each figure's ratio to the limit it is bound by:
   prefill limit = model FLOPs / matmul FLOP/s        decode limit = bytes of weights / bandwidth
 """
 
@@ -162,7 +164,24 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
                 peak_gib=peak, n_params=n_params, mixing_flops=mixing_flops, weight_bytes=weight_bytes)
 
 
-def machine_limits(device, dtype):
+def _matvec_bandwidth(weights, device, repeats):
+    """Bytes per second of `x @ w.T` over the matrices in turn (what a decoding step does with its weights)."""
+    vectors = [torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights]
+    for w, v in zip(weights, vectors):
+        v @ w.T
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        for w, v in zip(weights, vectors):
+            v @ w.T
+    sync(device)
+    return repeats * sum(w.numel() * w.element_size() for w in weights) / (time.perf_counter() - t)
+
+
+def machine_limits(device, dtype, size):
+    """matmul FLOP/s (2048 x 2048), and matrix-vector bandwidth twice: over the output layer alone (it can
+    stay in a large CPU cache between repeats) and over one matrix per weight matrix of the language model at
+    `size`, read in turn as a decoding step reads them (they cannot)."""
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
     for _ in range(3):
         a @ a
@@ -172,17 +191,17 @@ def machine_limits(device, dtype):
         a @ a
     sync(device)
     flops = 10 * 2 * 2048**3 / (time.perf_counter() - t)
-    w = torch.randn(50288, 768 if device == "cpu" else 2560, device=device, dtype=dtype)
-    v = torch.randn(w.shape[1], device=device, dtype=dtype)
-    for _ in range(3):
-        w @ v
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(20):
-        w @ v
-    sync(device)
-    bandwidth = 20 * w.numel() * w.element_size() / (time.perf_counter() - t)
-    return flops, bandwidth
+    c = SIZES[size]
+    d, d_inner = c["d_model"], 2 * c["d_model"]
+    head = [torch.randn(c["vocab_size"], d, device=device, dtype=dtype)]
+    head_bandwidth = _matvec_bandwidth(head, device, repeats=20)
+    layers = [(2 * d_inner + 2 * c["d_state"] + d_inner // c["headdim"], d), (d, d_inner)] * c["n_layer"]
+    model = head + [torch.randn(shape, device=device, dtype=dtype) for shape in layers]
+    model_bandwidth = _matvec_bandwidth(model, device, repeats=5)
+    del model, head
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return flops, head_bandwidth, model_bandwidth
 
 
 def main():
@@ -206,8 +225,10 @@ def main():
         print(json.dumps(measure(impl, args.size, args.device, dtype_name, int(prompt), int(batch), args.new_tokens)))
         return
 
-    flops, bandwidth = machine_limits(args.device, getattr(torch, dtype_name))
-    print(f"machine: {args.device}, {dtype_name}; matmul {flops / 1e9:.0f} GFLOP/s; matrix-vector {bandwidth / 1e9:.1f} GB/s")
+    flops, head_bandwidth, bandwidth = machine_limits(args.device, getattr(torch, dtype_name), args.size)
+    print(f"machine: {args.device}, {dtype_name}; matmul {flops / 1e9:.0f} GFLOP/s; matrix-vector {bandwidth / 1e9:.1f} GB/s "
+          f"over a {args.size} model's weight matrices in turn ({head_bandwidth / 1e9:.1f} GB/s repeating the output layer "
+          "alone); the decode limit uses the first")
     cases = [(prompt, batch, impl) for prompt in args.prompts for batch in args.batch for impl in args.impls]
     runs = {case: [] for case in cases}
     for repeat in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
