@@ -58,6 +58,7 @@ from .mamba2_mixer import (
     causal_conv_step,
     check_scan,
     conv_history,
+    import_mamba_ssm,
     resolve_grid,
     update_conv_state,
 )
@@ -241,7 +242,7 @@ def _load_mamba1_kernels() -> Mamba1Kernels | None:
             return y, last_state.float()
 
     try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        selective_state_update = import_mamba_ssm("ops.triton.selective_state_update").selective_state_update
     except Exception:
         selective_state_update = None
     if selective_state_update is not None:

@@ -454,13 +454,36 @@ class Mamba2Kernels:
     conv_update: Callable | None
 
 
+def import_mamba_ssm(module: str):
+    """`mamba_ssm.<module>`, also from an install of mamba_ssm's Python and Triton part alone.
+
+    mamba_ssm's package `__init__` imports its compiled Mamba-1 extension `selective_scan_cuda` (without a
+    guard up to 2.3.2.post1), so on such an install every `import mamba_ssm.<anything>` fails, the Triton
+    modules included. Then the package directory is entered as a bare package, without its `__init__`,
+    and the module is imported from there. Raises ImportError when mamba_ssm is not installed.
+    """
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    try:
+        return importlib.import_module("mamba_ssm." + module)
+    except ImportError:
+        spec = importlib.util.find_spec("mamba_ssm")  # locates the package without running it
+        if spec is None or not spec.submodule_search_locations or "mamba_ssm" in sys.modules:
+            raise  # not installed, or the package imported and the module failed on its own
+    package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("mamba_ssm", None, is_package=True))
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mamba_ssm"] = package
+    return importlib.import_module("mamba_ssm." + module)
+
+
 @lru_cache(maxsize=None)
 def _load_mamba2_kernels() -> Mamba2Kernels | None:
     try:
-        # Import the Triton modules directly: `import mamba_ssm` also imports the Mamba-1 CUDA
-        # extension, which a kernels-only install may lack.
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        selective_state_update = import_mamba_ssm("ops.triton.selective_state_update").selective_state_update
+        mamba_chunk_scan_combined = import_mamba_ssm("ops.triton.ssd_combined").mamba_chunk_scan_combined
     except Exception:
         return None
     try:

@@ -257,3 +257,32 @@ def test_cross_scan_grid_argument():
         m(torch.randn(1, 15, 32), grid=(3, 4))
     with pytest.raises(ValueError, match="scan must be one of"):
         _mixer(scan="zigzag")
+
+
+def test_mamba_ssm_modules_import_without_the_package_init(tmp_path, monkeypatch):
+    """An install of mamba_ssm's Python + Triton part alone (2.3.2.post1 built without CUDA) fails in its
+    package __init__, which imports the compiled Mamba-1 extension; `import_mamba_ssm` still reaches the
+    Triton modules. (tests/test_kernels_interpreted.py runs the real package this way.)"""
+    import sys
+
+    from mlmamba.mamba2_mixer import import_mamba_ssm
+
+    root = tmp_path / "mamba_ssm"
+    (root / "ops" / "triton").mkdir(parents=True)
+    (root / "__init__.py").write_text("import selective_scan_cuda_is_not_built_here\n")
+    (root / "ops" / "__init__.py").write_text("")
+    (root / "ops" / "triton" / "__init__.py").write_text("")
+    (root / "ops" / "triton" / "helper.py").write_text("VALUE = 42\n")
+    (root / "ops" / "triton" / "kernel.py").write_text("from mamba_ssm.ops.triton.helper import VALUE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        with pytest.raises(ImportError, match="selective_scan_cuda_is_not_built_here"):
+            import mamba_ssm.ops.triton.kernel  # noqa: F401
+        assert import_mamba_ssm("ops.triton.kernel").VALUE == 42
+        with pytest.raises(ImportError):
+            import_mamba_ssm("ops.triton.missing")  # a module's own failure is not hidden
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"]:
+            del sys.modules[name]
