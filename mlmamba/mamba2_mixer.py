@@ -135,8 +135,9 @@ def ssd_chunk_scan(
 
     Heads are split as (g, j) with j = h // g. Tensors keep the token-major layout of x,
     (b, c, s, h, p) with c chunks of s positions, except the (t, s) mixing inside a chunk, which is
-    computed per head. The products with B and C are one matmul per chunk and group over all its
-    heads' channels (j * p rows). Without autograd (inference) the large tensors are updated in place.
+    computed per head. The states are kept transposed, (n, j * p) per group, so that the products with
+    B and C are one matmul per chunk and group over all j * p channels of its heads. Without autograd
+    (inference) the large tensors are updated in place.
     """
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
