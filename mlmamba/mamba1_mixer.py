@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mamba2_mixer import (
+    EXP_FLOOR,
     ROUTE_SUFFIXES,
     SCAN_ROUTES,
     RoutePermutation,
@@ -62,10 +63,6 @@ from .mamba2_mixer import (
     resolve_grid,
     update_conv_state,
 )
-
-# exp() arguments are raised to this floor: exp(-60) ~ 1e-26 is nothing next to fp32 rounding, and it
-# keeps the recurrence off denormal numbers, which are very slow on CPUs (as in `ssd_chunk_scan`).
-_EXP_FLOOR = -60.0
 
 
 # --------------------------------------------------------------------------------------
@@ -84,8 +81,8 @@ def _advance(h, dt_t, dtx_t, B_t, A):
     """h (..., d, n) <- exp(dt A) h + (dt x) B for one token; dt_t, dtx_t (..., d); B_t (..., n)."""
     dA = dt_t[..., None] * A
     if torch.is_grad_enabled():
-        return h * torch.exp(dA.clamp(min=_EXP_FLOOR)) + dtx_t[..., None] * B_t[..., None, :]
-    return h.mul_(dA.clamp_(min=_EXP_FLOOR).exp_()).addcmul_(dtx_t[..., None], B_t[..., None, :])
+        return h * torch.exp(dA.clamp(min=EXP_FLOOR)) + dtx_t[..., None] * B_t[..., None, :]
+    return h.mul_(dA.clamp_(min=EXP_FLOOR).exp_()).addcmul_(dtx_t[..., None], B_t[..., None, :])
 
 
 def selective_scan(
@@ -138,7 +135,7 @@ def selective_scan(
         for step in steps:
             h = _advance(h, *step, A)
         # 2. Carry the state across chunks: a whole chunk decays the state by exp(sum_t dt_t A).
-        chunk_decay = torch.exp((dt_c.sum(2)[..., None] * A).clamp(min=_EXP_FLOOR))  # (b, c, d, n)
+        chunk_decay = torch.exp((dt_c.sum(2)[..., None] * A).clamp(min=EXP_FLOOR))  # (b, c, d, n)
         starts = []
         for i in range(c):
             starts.append(state)

@@ -100,6 +100,11 @@ class RMSNorm(nn.Module):
 # of 256 (the kernels' and the config's) / 128 / 64 / 32.
 TORCH_CHUNK_SIZE = 64
 
+# exp() arguments of the scans' decays are raised to this floor (both mixers): exp(-60) ~ 1e-26 is nothing
+# next to fp32 rounding, and it keeps exp() and the products after it off denormal numbers, which made
+# them 6-37 times slower on CPUs.
+EXP_FLOOR = -60.0
+
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a * b (broadcast) as a new contiguous tensor, whatever the strides of a and b, written in one
@@ -154,9 +159,7 @@ def ssd_chunk_scan(
     dt = dt.float().view(b, c, q, h)
     B = B.float().view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, s, n)
     C = C.float().view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, t, n)
-    # exp() of every decay is taken of exponents raised to at least -60: exp(-60) ~ 1e-26 is nothing next
-    # to fp32 rounding, and it keeps exp() and the products after it off denormal numbers, which made
-    # them 10-40 times slower on CPUs.
+    # exp() of every decay is taken of exponents raised to at least EXP_FLOOR.
     dA_cumsum = torch.cumsum(dt * A.float(), dim=2)  # (b, c, s, h), within each chunk
     dA_heads = dA_cumsum.transpose(2, 3).contiguous()  # (b, c, h, s)
     dt_heads = dt.transpose(2, 3)  # (b, c, h, s)
@@ -167,14 +170,14 @@ def ssd_chunk_scan(
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
     CB = (C @ B.transpose(-1, -2)).masked_fill_(~causal, 0.0)[:, :, :, None]  # (b, c, g, 1, t, s)
     L = dA_heads.view(b, c, g, j, q, 1) - dA_heads.view(b, c, g, j, 1, q)  # (b, c, g, j, t, s)
-    L = L.clamp_(-60.0, 0.0).exp_().mul_(CB) if inplace else torch.exp(L.clamp(-60.0, 0.0)) * CB
+    L = L.clamp_(EXP_FLOOR, 0.0).exp_().mul_(CB) if inplace else torch.exp(L.clamp(EXP_FLOOR, 0.0)) * CB
     xdt = _product(x.transpose(2, 3), dt_heads[..., None])  # head-major: (b, c, h, s, p)
     y_diag = L @ xdt.view(b, c, g, j, q, p)  # (b, c, g, j, t, p)
     del L
 
     # 2. The state each chunk adds by its end: sum_s exp(dA_cumsum[end] - dA_cumsum[s]) dt_s x_s B_s^T.
     #    States are kept transposed, (n, j * p) per group: B^T (n, s) @ (s, j * p) reads x token-major.
-    decay_to_end = torch.exp((dA_cumsum[:, :, -1:] - dA_cumsum).clamp(min=-60.0))  # (b, c, s, h)
+    decay_to_end = torch.exp((dA_cumsum[:, :, -1:] - dA_cumsum).clamp(min=EXP_FLOOR))  # (b, c, s, h)
     xw = x * (dt * decay_to_end)[..., None]  # (b, c, s, h, p)
     if g > 1:
         xw = xw.view(b, c, q, g, j * p).transpose(2, 3)
@@ -185,7 +188,7 @@ def ssd_chunk_scan(
         state = x.new_zeros(b, g, n, j * p)
     else:
         state = initial_state.float().view(b, g, j, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, j * p)
-    chunk_decay = torch.exp(dA_cumsum[:, :, -1].clamp(min=-60.0)).view(b, c, g, 1, j, 1)
+    chunk_decay = torch.exp(dA_cumsum[:, :, -1].clamp(min=EXP_FLOOR)).view(b, c, g, 1, j, 1)
     chunk_states = chunk_states.view(b, c, g, n, j, p)
     state = state.view(b, g, n, j, p)
     if inplace:  # the state entering chunk i takes the place of what chunk i adds, once that is read
@@ -205,7 +208,7 @@ def ssd_chunk_scan(
     #    as (t, n) @ (n, j * p) per chunk and group, token-major.
     y = C @ states_before.view(b, c, g, n, j * p)  # (b, c, g, t, j * p)
     y = y.view(b, c, g, q, j, p).transpose(2, 3).reshape(b, c, q, h, p)  # a view when g == 1
-    decay_from_start = torch.exp(dA_cumsum.clamp(min=-60.0))[..., None]  # (b, c, t, h, 1)
+    decay_from_start = torch.exp(dA_cumsum.clamp(min=EXP_FLOOR))[..., None]  # (b, c, t, h, 1)
     y_diag = y_diag.view(b, c, h, q, p).transpose(2, 3)  # (b, c, t, h, p), strided
     y = y.mul_(decay_from_start).add_(y_diag) if inplace else y * decay_from_start + y_diag
     if D is not None:
