@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -122,11 +123,11 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     n_params = sum(p.numel() for _, p in lm if p is not embedding and p is not head)
     # plus the sequence mixing that has no weights: the SSM recurrence (x B^T into the state and C out of it,
     # 4 FLOPs per state element and token) or causal attention (QK^T and AV, 2 * prompt * hidden per token)
-    text = dict(SIZES[size])
     if impl == "phi":
         mixing_flops = PHI[size]["num_hidden_layers"] * batch * 2 * prompt * prompt * PHI[size]["hidden_size"]
     else:
-        mixing_flops = text["n_layer"] * batch * prompt * 4 * 2 * text["d_model"] * text["d_state"]
+        c = SIZES[size]
+        mixing_flops = c["n_layer"] * batch * prompt * 4 * 2 * c["d_model"] * c["d_state"]
     ids = torch.randint(0, 50000, (batch, prompt), device=device)
     from transformers import StoppingCriteria
 
@@ -265,9 +266,9 @@ def _median(results):
         return results[-1]
     row = dict(ok[0])
     for key in ("prefill_ms", "decode_tps", "peak_gib"):
-        values = sorted(r[key] for r in ok)
-        row[key] = values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1 : len(values) // 2 + 1]) / 2
-        row[key + "_range"] = (values[0], values[-1])
+        values = [r[key] for r in ok]
+        row[key] = statistics.median(values)
+        row[key + "_range"] = (min(values), max(values))
     return row
 
 
