@@ -42,6 +42,11 @@ class _Device(_cuda_device):
 
 
 torch.cuda.device = _Device
+# One thread: in about one run in twenty, a process that had imported Triton computed the first torch
+# reference (ssd_chunk_scan, before any kernel ran) with a difference of ~4e-5 relative in the batch row
+# the main thread computes; never with one thread, and never in a process without Triton (2000 repeats
+# in one process, 45 fresh processes). Not explained; the package's torch path is not involved elsewhere.
+torch.set_num_threads(1)
 _autotune = triton.autotune
 triton.autotune = lambda configs, *args, **kwargs: _autotune(configs[:1], *args, **kwargs)
 
