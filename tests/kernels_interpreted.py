@@ -9,8 +9,8 @@ Three things make the GPU kernels run on CPU tensors here, none of them in the p
 - TRITON_INTERPRET=1: Triton executes each kernel's program instances in numpy.
 - `torch.cuda.device(None)` is allowed (mamba_ssm enters it with a CPU tensor's device index).
 - Autotuners keep their first config (there is no device to time the others on).
-Kernels are forced on by replacing the mixers' `get_mamba2_kernels` / `get_mamba1_kernels`, which
-otherwise return None for tensors that are not on CUDA.
+Kernels are forced on by replacing the mixers' `get_kernels`, which otherwise returns None for tensors
+that are not on CUDA.
 """
 
 import importlib.machinery
@@ -42,10 +42,8 @@ class _Device(_cuda_device):
 
 
 torch.cuda.device = _Device
-# One thread: in about one run in twenty, a process that had imported Triton computed the first torch
-# reference (ssd_chunk_scan, before any kernel ran) with a difference of ~4e-5 relative in the batch row
-# the main thread computes; never with one thread, and never in a process without Triton (2000 repeats
-# in one process, 45 fresh processes). Not explained; the package's torch path is not involved elsewhere.
+# One thread: with more, a process that had imported Triton now and then computed the torch reference
+# slightly differently (docs/TESTING.md tells the investigation).
 torch.set_num_threads(1)
 _autotune = triton.autotune
 triton.autotune = lambda configs, *args, **kwargs: _autotune(configs[:1], *args, **kwargs)
@@ -55,6 +53,7 @@ triton.autotune = lambda configs, *args, **kwargs: _autotune(configs[:1], *args,
 package = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("mlmamba", None, is_package=True))
 package.__path__ = [str(Path(__file__).resolve().parents[1] / "mlmamba")]
 sys.modules["mlmamba"] = package
+from mlmamba import kernels  # noqa: E402
 from mlmamba import mamba1_mixer as m1  # noqa: E402
 from mlmamba import mamba2_mixer as m2  # noqa: E402
 
@@ -71,8 +70,12 @@ def main():
         results["plain_import_works"] = True
     except ImportError:
         results["plain_import_works"] = False  # 2.3.2.post1 without its CUDA build: `import_mamba_ssm` is needed
-    k2, k1 = m2._load_mamba2_kernels(), m1._load_mamba1_kernels()
-    results["loaded"] = {"mamba2": k2 is not None, "mamba1_state_update": k1 is not None and k1.state_update is not None}
+    k = kernels.load_kernels()
+    results["loaded"] = {
+        "ssd_chunk_scan": k is not None and k.ssd_chunk_scan is not None,
+        "ssd_step": k is not None and k.ssd_step is not None,
+        "selective_step": k is not None and k.selective_step is not None,
+    }
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape, scale=1.0):
@@ -88,29 +91,33 @@ def main():
         dt, A, D = torch.rand(b, l, h, generator=gen) * 0.5, -torch.rand(h, generator=gen) * 2 - 0.1, randn(h)
         s0 = randn(b, h, p, n) if with_state else None
         y_ref, state_ref = m2.ssd_chunk_scan(x, dt, A, B, C, chunk, D=D, initial_state=s0)
-        y, state = k2.chunk_scan(x, dt, A, B, C, chunk, D=D, initial_state=s0)
+        y, state = k.ssd_chunk_scan(x, dt, A, B, C, chunk, D=D, initial_state=s0)
         results[name] = {"y": diff(y, y_ref), "state": diff(state, state_ref)}
     b, h, p, g, n = 2, 4, 8, 2, 16
     state, x, dt_raw, dt_bias = randn(b, h, p, n), randn(b, h, p), randn(b, h), randn(h)
     A, D, B, C = -torch.rand(h, generator=gen) - 0.1, randn(h), randn(b, g, n), randn(b, g, n)
     s_ref, s_k = state.clone(), state.clone()
     y_ref = m2.ssd_step(s_ref, x, torch.nn.functional.softplus(dt_raw + dt_bias), A, B, C, D)
-    y = k2.state_update(s_k, x, dt_raw, A, B, C, D, dt_bias)
+    y = k.ssd_step(s_k, x, dt_raw, dt_bias, kernels.NO_DT_LIMIT, A, B, C, D)
     results["ssd_state_update"] = {"y": diff(y, y_ref), "state": diff(s_k, s_ref)}
+    limit = (0.05, 0.5)  # the clamp the kernel lacks: the adapter hands it the clamped step sizes
+    s_ref, s_k = state.clone(), state.clone()
+    y_ref = m2.ssd_step(s_ref, x, torch.nn.functional.softplus(dt_raw + dt_bias).clamp(*limit), A, B, C, D)
+    y = k.ssd_step(s_k, x, dt_raw, dt_bias, limit, A, B, C, D)
+    results["ssd_state_update_dt_limit"] = {"y": diff(y, y_ref), "state": diff(s_k, s_ref)}
 
     d, n = 12, 4
     state, x, dt_raw, dt_bias = randn(b, d, n), randn(b, d), randn(b, d), randn(d)
     A, D, B, C = -torch.rand(d, n, generator=gen) - 0.1, randn(d), randn(b, n), randn(b, n)
     s_ref, s_k = state.clone(), state.clone()
     y_ref = m1.selective_step(s_ref, x, torch.nn.functional.softplus(dt_raw + dt_bias), A, B, C, D)
-    y = k1.state_update(s_k, x, dt_raw, A, B, C, D, dt_bias)
+    y = k.selective_step(s_k, x, dt_raw, dt_bias, A, B, C, D)
     results["selective_state_update"] = {"y": diff(y, y_ref), "state": diff(s_k, s_ref)}
 
     # 2. Whole mixers, kernels forced on or off: a left-padded prefill into the states, a continuation,
     #    then decoding steps (causal); the route scans of the connectors.
     use = {"on": False}
-    m2.get_mamba2_kernels = lambda like: k2 if use["on"] else None
-    m1.get_mamba1_kernels = lambda like: k1 if use["on"] else None
+    m2.get_kernels = m1.get_kernels = lambda like: k if use["on"] else None
     mask = torch.ones(3, 15, dtype=torch.long)
     mask[1, :5] = 0
     mask[2, :12] = 0

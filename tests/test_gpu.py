@@ -11,17 +11,18 @@ import torch
 from conftest import chat_inputs, make_image, spread_weights
 
 from mlmamba.convert import random_model
-from mlmamba.mamba1_mixer import _load_mamba1_kernels
-from mlmamba.mamba2_mixer import _load_mamba2_kernels
+from mlmamba.kernels import load_kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-KERNELS = {"mlmamba-tiny": _load_mamba2_kernels, "cobra-tiny": _load_mamba1_kernels, "vlmamba-tiny": _load_mamba1_kernels}
+# the kernel each family cannot do without on a GPU
+NEEDED = {"mlmamba-tiny": "ssd_chunk_scan", "cobra-tiny": "selective_step", "vlmamba-tiny": "selective_step"}
 
 
-@pytest.fixture(params=list(KERNELS))
+@pytest.fixture(params=list(NEEDED))
 def cuda_family(request):
-    if KERNELS[request.param]() is None:
+    kernels = load_kernels()
+    if kernels is None or getattr(kernels, NEEDED[request.param]) is None:
         pytest.skip(f"mamba_ssm's kernels for {request.param} do not import here")
     torch.backends.cuda.matmul.allow_tf32 = False  # compare kernels, not matmul precisions
     torch.backends.cudnn.allow_tf32 = False
