@@ -28,13 +28,34 @@ ids such as facebook/dinov2-with-registers-large and google/siglip-so400m-patch1
 Conversion is strict: every source tensor is used exactly once.
 """
 
-import argparse
+from argparse import ArgumentParser, RawTextHelpFormatter
 from pathlib import Path
 
 import torch
 
 from . import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaImageProcessor, MLMambaProcessor
-from .presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, SIGLIP_MEAN, SIGLIP_STD, TOKENIZER_VOCAB, get_preset
+from .convert_release import (
+    CheckpointError,
+    load_tensors,
+    mamba_lm_from_folder,
+    release_language_model,
+    split_release,
+    take_cobra_projector,
+    take_connector,
+)
+from .convert_vision import load_vision_encoder
+from .model_card import PAPERS, RELEASES, write_model_card
+from .presets import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    TOKENIZER_VOCAB,
+    get_preset,
+)
 from .tokenizer_offline import IMAGE, build_tokenizer
 
 CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
@@ -43,7 +64,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 NORMALIZATION = {
     "dinov2_with_registers": (IMAGENET_MEAN, IMAGENET_STD),
     "siglip_vision_model": (SIGLIP_MEAN, SIGLIP_STD),
-    "clip_vision_model": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+    "clip_vision_model": (CLIP_MEAN, CLIP_STD),
 }
 
 
@@ -60,7 +81,8 @@ def build_processor(config, tokenizer) -> MLMambaProcessor:
     return MLMambaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def _build(config: MLMambaConfig, dtype: torch.dtype, seed: int = 0) -> MLMambaForConditionalGeneration:
+def build_model(config: MLMambaConfig, dtype: torch.dtype, seed: int = 0) -> MLMambaForConditionalGeneration:
+    """A randomly initialised model of `config`, in `dtype`, reproducible by `seed`."""
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -70,24 +92,40 @@ def _build(config: MLMambaConfig, dtype: torch.dtype, seed: int = 0) -> MLMambaF
         torch.set_default_dtype(default_dtype)
 
 
-def _finish(model, tokenizer):
+def model_and_processor(model, tokenizer) -> tuple[MLMambaForConditionalGeneration, MLMambaProcessor]:
+    """`model` in eval mode with the tokenizer's eos and pad as its generation defaults, and its processor."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), build_processor(model.config, tokenizer)
 
 
-def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random-weight model of a named configuration and its processor (offline tokenizer)."""
-    tokenizer = build_tokenizer(TOKENIZER_VOCAB[preset])
-    config = get_preset(
-        preset,
+def _special_token_ids(tokenizer) -> dict:
+    return dict(
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _config_for(tokenizer, vision_config: dict, connector_config: dict, text_config: dict) -> MLMambaConfig:
+    """The model config of these parts, with the tokenizer's `<image>`, eos and pad ids."""
+    return MLMambaConfig(
+        vision_config=vision_config,
+        connector_config=connector_config,
+        text_config=text_config,
+        **_special_token_ids(tokenizer),
+    )
+
+
+def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight model of a named configuration and its processor (offline tokenizer)."""
+    tokenizer = build_tokenizer(TOKENIZER_VOCAB[preset])
+    config = get_preset(preset, **_special_token_ids(tokenizer))
     if len(tokenizer) > config.text_config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embedding only {config.text_config.vocab_size}")
-    return _finish(_build(config, dtype, seed), tokenizer)
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the embedding only {config.text_config.vocab_size}"
+        )
+    return model_and_processor(build_model(config, dtype, seed), tokenizer)
 
 
 def load_tokenizer(source: str, vocab_size: int):
@@ -107,9 +145,9 @@ def load_tokenizer(source: str, vocab_size: int):
     return tokenizer
 
 
-def _vision(sources: list[str], image_size: int, dtype) -> tuple[dict, dict, list[str]]:
-    from .checkpoints import load_vision_encoder
-
+def load_vision_tower(sources: list[str], image_size: int, dtype) -> tuple[dict, dict, list[str]]:
+    """(vision config fields, `model.vision_tower.encoders.N.*` tensors, notes) of the encoders, in order, each
+    with the normalisation its family was trained with."""
     encoders, means, stds, state, notes = [], [], [], {}, []
     for i, source in enumerate(sources):
         config, tensors, dropped, encoder_notes = load_vision_encoder(source, image_size, dtype=dtype)
@@ -117,7 +155,8 @@ def _vision(sources: list[str], image_size: int, dtype) -> tuple[dict, dict, lis
         if config["model_type"] == "siglip_vision_model" and config.get("hidden_act") != "gelu":
             # ML-Mamba and Cobra were trained on timm 0.9.10's SigLIP, which computes exact GELU where
             # transformers' config says the tanh approximation (up to 4.7e-4 apart per activation).
-            notes.append(f"{source}: SigLIP's {config.get('hidden_act')} replaced by exact gelu, as timm computed it in training")
+            act = config.get("hidden_act")
+            notes.append(f"{source}: SigLIP's {act} replaced by exact gelu, as timm computed it in training")
             config["hidden_act"] = "gelu"
         encoders.append(config)
         mean, std = NORMALIZATION[config["model_type"]]
@@ -125,11 +164,13 @@ def _vision(sources: list[str], image_size: int, dtype) -> tuple[dict, dict, lis
         stds.append(std)
         state.update({f"model.vision_tower.encoders.{i}.{k}": v for k, v in tensors.items()})
         if dropped:
-            notes.append(f"{source}: not used by ML-Mamba, dropped: {len(dropped)} tensors ({_summarize(dropped)})")
+            notes.append(
+                f"{source}: not used by ML-Mamba, dropped: {len(dropped)} tensors ({_top_level_names(dropped)})"
+            )
     return dict(encoders=encoders, feature_layer=-2, image_mean=means, image_std=stds), state, notes
 
 
-def _summarize(keys: list[str]) -> str:
+def _top_level_names(keys: list[str]) -> str:
     return ", ".join(sorted({k.split(".")[0] for k in keys}))
 
 
@@ -147,37 +188,29 @@ def load_into(model, state: dict) -> None:
     model.tie_weights()
 
 
-def convert_release(checkpoint, vision: list[str], tokenizer: str, dtype=None, ngroups: int = 1, image_size: int = 384):
+def convert_release(
+    checkpoint, vision: list[str], tokenizer: str, dtype=None, ngroups: int = 1, image_size: int = 384
+):
     """A released ML-Mamba or Cobra checkpoint + its vision encoders + tokenizer -> (model, processor, notes, family).
-    The family ("mlmamba" or "cobra") is told by the checkpoint's parts (see `checkpoints.split_release`)."""
-    from .checkpoints import load_tensors, release_language_model, split_release, take_connector, take_cobra_projector
-
+    The family ("mlmamba" or "cobra") is told by the checkpoint's parts (`mlmamba.convert_release.split_release`)."""
     family, parts = split_release(load_tensors(checkpoint))
     text, lm_state = release_language_model(family, parts, ngroups=ngroups)
     dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
-    vision_config, vision_state, notes = _vision(vision, image_size=image_size, dtype=dtype)
+    vision_config, vision_state, notes = load_vision_tower(vision, image_size=image_size, dtype=dtype)
     vision_hidden = sum(e["hidden_size"] for e in vision_config["encoders"])
     if family == "cobra":
         connector_config, connector_state = take_cobra_projector(parts["projector"], vision_hidden, text["d_model"])
     else:
         connector_config, connector_state = take_connector(parts, vision_hidden, text["d_model"])
     tok = load_tokenizer(tokenizer, text["vocab_size"])
-    config = MLMambaConfig(
-        vision_config=vision_config,
-        connector_config=connector_config,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids(IMAGE),
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = _build(config, dtype)
+    model = build_model(_config_for(tok, vision_config, connector_config, text), dtype)
     load_into(model, {**lm_state, **connector_state, **vision_state})
-    model, processor = _finish(model, tok)
+    model, processor = model_and_processor(model, tok)
     return model, processor, notes, family
 
 
 def family_of(preset: str) -> str:
-    """"mlmamba", "cobra" or "vlmamba": the family of a named configuration."""
+    """The family of a named configuration: "mlmamba", "cobra" or "vlmamba"."""
     family = preset.split("-")[0]
     return family if family in PAPERS else "mlmamba"
 
@@ -186,8 +219,6 @@ def convert_text_model(text_model: str, preset: str, vision: list[str], tokenize
     """A pretrained Mamba-2 or Mamba-1 LM (vision encoders too, if given) under a randomly initialised connector.
     The preset gives the connector and vision geometry; its language model must be of the same kind."""
     from huggingface_hub import snapshot_download
-
-    from .checkpoints import CheckpointError, mamba_lm_from_folder
 
     folder = text_model if Path(text_model).is_dir() else snapshot_download(text_model)
     text, lm_state = mamba_lm_from_folder(folder)
@@ -200,105 +231,23 @@ def convert_text_model(text_model: str, preset: str, vision: list[str], tokenize
         )
     dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
     image_size = base["vision_config"]["encoders"][0]["image_size"]
-    vision_config, vision_state, notes = (base["vision_config"], {}, []) if not vision else _vision(vision, image_size, dtype)
+    if vision:
+        vision_config, vision_state, notes = load_vision_tower(vision, image_size, dtype)
+    else:
+        vision_config, vision_state, notes = base["vision_config"], {}, []
     tok = load_tokenizer(tokenizer, text["vocab_size"])
     connector = dict(base["connector_config"])
     if connector.get("connector_type", "msc") in ("msc", "vss-l2"):
         connector["hidden_size"] = text["d_model"]
-    config = MLMambaConfig(
-        vision_config=vision_config,
-        connector_config=connector,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids(IMAGE),
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = _build(config, dtype, seed)
+    model = build_model(_config_for(tok, vision_config, connector, text), dtype, seed)
     own = model.state_dict()
     random_parts = {k: v for k, v in own.items() if k.startswith("model.connector.")}
     if not vision:
         random_parts.update({k: v for k, v in own.items() if k.startswith("model.vision_tower.")})
     load_into(model, {**lm_state, **vision_state, **random_parts})
     notes.append("the connector is randomly initialised" + ("" if vision else ", and so are the vision encoders"))
-    model, processor = _finish(model, tok)
+    model, processor = model_and_processor(model, tok)
     return model, processor, notes
-
-
-PAPERS = {
-    "mlmamba": ("ML-Mamba", "Huang & Hu", "2407.19832"),
-    "cobra": ("Cobra", "Zhao et al.", "2403.14520"),
-    "vlmamba": ("VL-Mamba", "Qiao et al.", "2403.13600"),
-}
-FAMILY_SUMMARY = {
-    "mlmamba": "a Mamba-2 language model that sees images through DINOv2 + SigLIP features and the Mamba-2 Scan "
-    "Connector (MSC). It builds on Cobra and VL-Mamba.",
-    "cobra": "a Mamba-1 language model (Mamba-2.8B-Zephyr) that sees images through DINOv2 + SigLIP features and a "
-    "fused MLP projector. ML-Mamba builds on it with a Mamba-2 language model.",
-    "vlmamba": "a Mamba-1 language model that sees images through a Vision Selective Scan (VSS) connector. VL-Mamba "
-    "released neither code nor weights: this architecture is the mlmamba package's reading of the paper.",
-}
-FAMILY_TAGS = {"mlmamba": ["mamba2", "ml-mamba"], "cobra": ["cobra"], "vlmamba": ["vl-mamba"]}
-RELEASES = {"mlmamba": ("ML-Mamba 3B", "huangwenjun1994/ML-Mamba"), "cobra": ("Cobra 3B", "han1997/cobra")}
-
-
-def _paper(family: str) -> str:
-    name, authors, arxiv = PAPERS[family]
-    return f"{name} ({authors}, [arXiv:{arxiv}](https://arxiv.org/abs/{arxiv}))"
-
-
-def write_model_card(output: Path, title: str, base_models: list[str], notes: list[str], license: str = "mit",
-                     family: str = "mlmamba") -> None:
-    """README.md with Hub metadata: license, base models (Hub ids only), the family's paper and tags."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base_models = [b for b in base_models if not Path(b).exists()]  # Hub ids only, never local paths
-    data = ModelCardData(
-        license=license,
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        base_model=base_models or None,
-        tags=["mamba", *FAMILY_TAGS[family], "state-space-model", "custom_code", f"arxiv:{PAPERS[family][2]}"],
-    )
-    snippet = f'''```python
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-MODEL = "{output.name}"  # this folder, or its Hub id
-model = AutoModelForImageTextToText.from_pretrained(MODEL, trust_remote_code=True)
-processor = AutoProcessor.from_pretrained(MODEL, trust_remote_code=True)
-
-image = Image.new("RGB", (384, 384), (200, 30, 30))
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=image, text=prompt)
-output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
-```'''
-    body = "\n".join(
-        [
-            "---",
-            data.to_yaml(),
-            "---",
-            f"# {title}",
-            "",
-            f"{_paper(family)}: {FAMILY_SUMMARY[family]} Converted with the mlmamba package into a transformers model "
-            "(`trust_remote_code=True`). Related: " + ", ".join(_paper(f) for f in PAPERS if f != family) + ".",
-            "",
-            "## Usage",
-            "",
-            snippet,
-            "",
-            "Generation keeps a constant-size state cache (no KV cache). Prompts follow the Zephyr format of the "
-            "chat template; images go before the text, as in training.",
-            "",
-            "## Conversion notes",
-            "",
-            *[f"- {n}" for n in notes],
-            "",
-        ]
-    )
-    ModelCard(body).save(output / "README.md")
 
 
 def save_folder(model, processor, output: str | Path) -> Path:
@@ -309,19 +258,28 @@ def save_folder(model, processor, output: str | Path) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mlmamba-convert", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = ArgumentParser(prog="mlmamba-convert", description=__doc__, formatter_class=RawTextHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--random", action="store_true", help="random weights for a named configuration (--preset)")
     source.add_argument("--checkpoint", help="ML-Mamba's or Cobra's latest-checkpoint.pt (or a folder of its tensors)")
-    source.add_argument("--text-model", help="a Mamba-2 or Mamba-1 LM folder or Hub id (state-spaces or transformers format)")
+    text_model_help = "a Mamba-2 or Mamba-1 LM folder or Hub id (state-spaces or transformers format)"
+    source.add_argument("--text-model", help=text_model_help)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (--random, --text-model)")
-    parser.add_argument("--vision", action="append", default=[], help="vision encoder, in order (DINOv2 first, as released): a transformers or timm folder or Hub id, or a timm state dict file")
-    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (GPT-NeoX-20B style, e.g. xiuyul/mamba-2.8b-zephyr)")
+    vision_help = (
+        "vision encoder, in order (DINOv2 first, as released): a transformers or timm folder or Hub id, "
+        "or a timm state dict file"
+    )
+    parser.add_argument("--vision", action="append", default=[], help=vision_help)
+    tokenizer_help = "tokenizer folder or Hub id (GPT-NeoX-20B style, e.g. xiuyul/mamba-2.8b-zephyr)"
+    parser.add_argument("--tokenizer", help=tokenizer_help)
     parser.add_argument("--output", required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep the checkpoint's; random: float32 for -tiny, else bfloat16)")
-    parser.add_argument("--image-size", type=int, default=384, help="image size of the converted model (--checkpoint; 384 as released)")
-    parser.add_argument("--ngroups", type=int, default=1, help="Mamba-2 ngroups of the checkpoint (shapes cannot tell; released models use 1)")
+    dtype_help = "cast weights (default: keep the checkpoint's; random: float32 for -tiny, else bfloat16)"
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=dtype_help)
+    image_size_help = "image size of the converted model (--checkpoint; 384 as released)"
+    parser.add_argument("--image-size", type=int, default=384, help=image_size_help)
+    ngroups_help = "Mamba-2 ngroups of the checkpoint (shapes cannot tell; released models use 1)"
+    parser.add_argument("--ngroups", type=int, default=1, help=ngroups_help)
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     output = Path(args.output)
@@ -332,8 +290,8 @@ def main(argv=None):
         dtype = dtype or DTYPES["float32" if args.preset.endswith("-tiny") else "bfloat16"]
         model, processor = random_model(args.preset, seed=args.seed, dtype=dtype)
         save_folder(model, processor, output)
-        write_model_card(output, f"{args.preset} (random weights)", [], ["random weights, for tests and pipelines; not a trained model"],
-                         family=family_of(args.preset))
+        notes = ["random weights, for tests and pipelines; not a trained model"]
+        write_model_card(output, f"{args.preset} (random weights)", [], notes, family=family_of(args.preset))
     else:
         if not args.tokenizer:
             parser.error("--tokenizer is required to convert weights")
@@ -348,9 +306,12 @@ def main(argv=None):
         else:
             if not args.preset:
                 parser.error("--text-model needs --preset for the parts it does not provide")
-            model, processor, notes = convert_text_model(args.text_model, args.preset, args.vision, args.tokenizer, dtype, args.seed)
+            model, processor, notes = convert_text_model(
+                args.text_model, args.preset, args.vision, args.tokenizer, dtype, args.seed
+            )
             family = family_of(args.preset)
-            lm_name = Path(args.text_model).name if Path(args.text_model).exists() else args.text_model  # no local paths
+            # a model card names Hub ids, never local paths
+            lm_name = Path(args.text_model).name if Path(args.text_model).exists() else args.text_model
             title = f"{PAPERS[family][0]} on {lm_name} (connector untrained)"
             bases = [args.text_model, *args.vision]
             license = "apache-2.0"  # the state-spaces Mamba language models and Mamba-2.8B-Zephyr

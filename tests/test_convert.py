@@ -15,8 +15,9 @@ from conftest import chat_inputs, make_image
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, Mamba2Config, Mamba2ForCausalLM
 
 from mlmamba import MLMambaForConditionalGeneration
-from mlmamba.checkpoints import CheckpointError, load_vision_encoder
 from mlmamba.convert import main as convert_main
+from mlmamba.convert_release import CheckpointError
+from mlmamba.convert_vision import load_vision_encoder
 
 
 def release_checkpoint(model) -> dict:
@@ -257,9 +258,9 @@ def test_full_siglip_checkpoint_gives_its_vision_tower_and_reports_the_rest(tmp_
     expected = full.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
     torch.testing.assert_close(vision(pixels, output_hidden_states=True).hidden_states[-2], expected)
     # In a converted model SigLIP computes exact GELU, as timm did when ML-Mamba and Cobra were trained.
-    from mlmamba.convert import _vision
+    from mlmamba.convert import load_vision_tower
 
     assert full.config.vision_config.hidden_act == "gelu_pytorch_tanh"
-    vision_fields, _, notes = _vision([str(tmp_path / "siglip")], 42, None)
+    vision_fields, _, notes = load_vision_tower([str(tmp_path / "siglip")], 42, None)
     assert vision_fields["encoders"][0]["hidden_act"] == "gelu"
     assert any("replaced by exact gelu" in n for n in notes)

@@ -14,9 +14,9 @@ from conftest import chat_inputs, make_image
 from transformers import MambaConfig, MambaForCausalLM
 
 from mlmamba import MLMambaForConditionalGeneration
-from mlmamba.checkpoints import CheckpointError
 from mlmamba.convert import main as convert_main
 from mlmamba.convert import random_model
+from mlmamba.convert_release import CheckpointError
 from mlmamba.presets import get_preset
 
 
@@ -105,10 +105,10 @@ def test_cobra_model_card_names_cobra(cobra, converted):
 @torch.no_grad()
 def test_cobra_siglip_gelu_mlp_projector_converts_to_mlp2x(tmp_path):
     """cobra-siglip+3b's "no-align+gelu-mlp": projector.{0,2}, Linear(v -> d) GELU Linear(d -> d)."""
-    from mlmamba.convert import _build
+    from mlmamba.convert import build_model
 
     config = get_preset("cobra-tiny", connector_config=dict(connector_type="mlp2x"))
-    model = _build(config, torch.float32, seed=4).eval()
+    model = build_model(config, torch.float32, seed=4).eval()
     _, processor = random_model("cobra-tiny")
     ckpt = cobra_checkpoint(model)
     assert set(ckpt["model"]["projector"]) == {"projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}

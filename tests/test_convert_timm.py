@@ -15,8 +15,9 @@ from timm_reference import import_timm
 from transformers import AutoConfig, AutoModel
 
 from mlmamba import MLMambaForConditionalGeneration
-from mlmamba.checkpoints import CheckpointError, load_vision_encoder, resize_position_grid, timm_vision_state
 from mlmamba.convert import main as convert_main
+from mlmamba.convert_release import CheckpointError
+from mlmamba.convert_vision import load_vision_encoder, resize_position_grid, timm_vision_state
 
 timm = import_timm()
 pytestmark = pytest.mark.skipif(timm is None, reason="timm is not installed (pip install --no-deps timm)")
