@@ -57,31 +57,40 @@ SIGLIP_SO400M_14_384 = dict(
     hidden_act="gelu",
     vision_use_head=False,  # the attention-pool head is not used by ML-Mamba
 )
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# openai/clip-vit-large-patch14-336, VL-Mamba's vision encoder (24 x 24 = 576 patches).
-CLIP_L14_336 = dict(
-    model_type="clip_vision_model",
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=336,
-    layer_norm_eps=1e-5,
-    hidden_act="quick_gelu",
-    projection_dim=768,
+
+# The mixer fields the text and connector configs share, with mamba_ssm's defaults for a Mamba-2 mixer
+# (the Mamba-1 presets set d_state=16 and dt_rank). Both configs take them as keyword arguments.
+MIXER_DEFAULTS = dict(
+    d_state=128,
+    d_conv=4,
+    expand=2,
+    headdim=64,
+    ngroups=1,
+    chunk_size=256,
+    conv_bias=True,
+    bias=False,
+    norm_epsilon=1e-5,
+    dt_rank="auto",
 )
 
+
+def _set_mixer_fields(config, kwargs: dict) -> None:
+    """Set every `MIXER_DEFAULTS` field on `config` from `kwargs` (popped) or its default."""
+    for name, default in MIXER_DEFAULTS.items():
+        setattr(config, name, kwargs.pop(name, default))
 
 
 def _mixer_fields(config) -> dict:
     """The mixer arguments that the text and connector configs share, by the mixer's names:
     `Mamba2Mixer`'s or `Mamba1Mixer`'s, as `config.ssm_layer` says."""
-    fields = dict(d_state=config.d_state, d_conv=config.d_conv, expand=config.expand, conv_bias=config.conv_bias, bias=config.bias)
+    fields = dict(
+        d_state=config.d_state, d_conv=config.d_conv, expand=config.expand, conv_bias=config.conv_bias, bias=config.bias
+    )
     if config.ssm_layer == "Mamba1":
         return dict(fields, dt_rank=config.dt_rank)
-    return dict(fields, headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size, norm_eps=config.norm_epsilon)
+    return dict(
+        fields, headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size, norm_eps=config.norm_epsilon
+    )
 
 
 def _check_mixer_fields(config, d_model: int) -> None:
@@ -108,8 +117,9 @@ class MLMambaTextConfig(PretrainedConfig):
     """The Mamba language model. Field names follow mamba_ssm's `MambaConfig` / `ssm_cfg`.
 
     `ssm_layer` picks the mixer: "Mamba2" (SSD; ML-Mamba's Mamba-2 2.7B) or "Mamba1" (selective scan;
-    Cobra's and VL-Mamba's Mamba-2.8B-Zephyr). headdim, ngroups, chunk_size, A_init_range and dt_limit are
-    Mamba-2 fields; dt_rank, dt_init and dt_scale are Mamba-1 fields; the others are shared.
+    Cobra's and VL-Mamba's Mamba-2.8B-Zephyr). The mixer fields shared with the connector config are keyword
+    arguments with `MIXER_DEFAULTS`. headdim, ngroups, chunk_size, A_init_range and dt_limit are Mamba-2
+    fields; dt_rank, dt_init and dt_scale are Mamba-1 fields; the others are shared.
     `vocab_size` is the size of the embedding matrix (already padded, e.g. 50277 -> 50288).
 
     `max_prefill_tokens` is an inference setting, not architecture: with a state cache and no autograd,
@@ -127,15 +137,6 @@ class MLMambaTextConfig(PretrainedConfig):
         d_model: int = 2560,
         n_layer: int = 64,
         vocab_size: int = 50288,
-        d_state: int = 128,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        conv_bias: bool = True,
-        bias: bool = False,
-        norm_epsilon: float = 1e-5,
         residual_in_fp32: bool = True,
         dt_min: float = 0.001,
         dt_max: float = 0.1,
@@ -146,7 +147,6 @@ class MLMambaTextConfig(PretrainedConfig):
         rescale_prenorm_residual: bool = True,
         tie_word_embeddings: bool = True,
         ssm_layer: str = "Mamba2",
-        dt_rank="auto",
         dt_init: str = "random",
         dt_scale: float = 1.0,
         max_prefill_tokens: int | None = None,
@@ -159,21 +159,12 @@ class MLMambaTextConfig(PretrainedConfig):
                 "or None for the device's default"
             )
         self.max_prefill_tokens = max_prefill_tokens
-        self.dt_rank = dt_rank
+        _set_mixer_fields(self, kwargs)
         self.dt_init = dt_init
         self.dt_scale = dt_scale
         self.d_model = d_model
         self.n_layer = n_layer
         self.vocab_size = vocab_size
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.headdim = headdim
-        self.ngroups = ngroups
-        self.chunk_size = chunk_size
-        self.conv_bias = conv_bias
-        self.bias = bias
-        self.norm_epsilon = norm_epsilon
         self.residual_in_fp32 = residual_in_fp32
         self.dt_min = dt_min
         self.dt_max = dt_max
@@ -300,8 +291,8 @@ class MLMambaConnectorConfig(PretrainedConfig):
 
     `scan`: how MSC and VSS mixers visit the patch grid: "bidirectional" (BSM: the flattened grid forward
     and backward, as ML-Mamba released) or "cross" (CSM: rows and columns, each both ways).
-    `ssm_layer`: the scan's mixer, "Mamba2" (MSC always) or "Mamba1" (VL-Mamba's VSS). Other mixer fields
-    as in MLMambaTextConfig. `hidden_size` defaults to the language model width.
+    `ssm_layer`: the scan's mixer, "Mamba2" (MSC always) or "Mamba1" (VL-Mamba's VSS). The other mixer fields
+    are keyword arguments with `MIXER_DEFAULTS`, as in MLMambaTextConfig. `hidden_size` defaults to the language model width.
     """
 
     model_type = "mlmamba_connector"
@@ -312,36 +303,17 @@ class MLMambaConnectorConfig(PretrainedConfig):
         hidden_size: int | None = None,
         num_layers: int = 2,
         scan: str = "bidirectional",
-        d_state: int = 128,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        conv_bias: bool = True,
-        bias: bool = False,
-        norm_epsilon: float = 1e-5,
         layer_norm_epsilon: float = 1e-5,
         projector_expand: int = 4,
         ssm_layer: str = "Mamba2",
-        dt_rank="auto",
         **kwargs,
     ):
         self.ssm_layer = ssm_layer
-        self.dt_rank = dt_rank
+        _set_mixer_fields(self, kwargs)
         self.connector_type = connector_type
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.scan = scan
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.headdim = headdim
-        self.ngroups = ngroups
-        self.chunk_size = chunk_size
-        self.conv_bias = conv_bias
-        self.bias = bias
-        self.norm_epsilon = norm_epsilon
         self.layer_norm_epsilon = layer_norm_epsilon
         self.projector_expand = projector_expand
         super().__init__(**kwargs)
@@ -392,9 +364,9 @@ class MLMambaConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
-        self.vision_config = self._sub(MLMambaVisionConfig, vision_config, "vision_config")
-        self.connector_config = self._sub(MLMambaConnectorConfig, connector_config, "connector_config")
-        self.text_config = self._sub(MLMambaTextConfig, text_config, "text_config")
+        self.vision_config = self._sub_config(MLMambaVisionConfig, vision_config, "vision_config")
+        self.connector_config = self._sub_config(MLMambaConnectorConfig, connector_config, "connector_config")
+        self.text_config = self._sub_config(MLMambaTextConfig, text_config, "text_config")
         if self.connector_config.hidden_size is None:
             self.connector_config.hidden_size = self.text_config.d_model
         self.image_token_id = image_token_id
@@ -412,7 +384,7 @@ class MLMambaConfig(PretrainedConfig):
             )
 
     @staticmethod
-    def _sub(cls, value, name):
+    def _sub_config(cls, value, name):
         if value is None:
             return cls()  # the released ML-Mamba's part
         if isinstance(value, cls):

@@ -11,9 +11,6 @@ vlmamba-3b    VL-Mamba: CLIP ViT-L/14-336, the VSS-L2 connector with the cross s
 import copy
 
 from .configuration_mlmamba import (
-    CLIP_L14_336,
-    CLIP_MEAN,
-    CLIP_STD,
     DINOV2_L14_REG4_384,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,6 +18,22 @@ from .configuration_mlmamba import (
     SIGLIP_SO400M_14_384,
     SIGLIP_STD,
     MLMambaConfig,
+)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# openai/clip-vit-large-patch14-336, VL-Mamba's vision encoder (24 x 24 = 576 patches).
+CLIP_L14_336 = dict(
+    model_type="clip_vision_model",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=336,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+    projection_dim=768,
 )
 
 MAMBA2_2_7B = dict(
