@@ -237,3 +237,24 @@ def test_unknown_forward_arguments_are_refused(tiny):
         model(**inputs, pixel_value=torch.zeros(1))
     with pytest.raises(ValueError, match="no attention weights"):
         model(**inputs, output_attentions=True)
+
+
+@pytest.mark.parametrize("preset", ["mlmamba-tiny", "cobra-tiny", "vlmamba-tiny"])
+def test_every_checkpointed_layer_is_a_shard_unit(preset):
+    """Each layer that gradient checkpointing wraps (Mamba blocks, MSC and VSS layers, encoder layers) is in
+    `_no_split_modules`, so FSDP and device maps keep it whole."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = MLMambaForConditionalGeneration(get_preset(preset))
+    layers = {type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
+    assert layers and layers <= set(model._no_split_modules), layers - set(model._no_split_modules)
+
+
+def test_text_only_input_is_the_language_model_on_the_embeddings(tiny):
+    """Without images the composite is the language model and the head, nothing else."""
+    model, processor = tiny
+    ids = processor(text="a question without any image")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        hidden, _ = model.model.language_model(model.model.language_model.embedding(ids))
+    torch.testing.assert_close(logits, model.lm_head(hidden), atol=0, rtol=0)
