@@ -75,7 +75,8 @@ def train_and_ask(args) -> None:
     from trl import SFTTrainer
 
     from mlmamba.convert import random_model, save_folder
-    from mlmamba.training import DIGITS_QUESTION, DIGITS_RECIPE, digits_accuracy, digits_dataset, sft_config
+    from mlmamba.digits import DIGITS_QUESTION, DIGITS_RECIPE, digits_accuracy, digits_dataset
+    from mlmamba.training import sft_config
 
     start = time.perf_counter()
     model, processor = random_model("mlmamba-tiny", seed=0)
@@ -93,7 +94,11 @@ def train_and_ask(args) -> None:
     )
     output = args.output or tempfile.mkdtemp(prefix="mlmamba-digits-")
     config = sft_config(
-        output, **recipe, save_strategy="no", logging_steps=max(1, args.steps // 5), seed=0,
+        output,
+        **recipe,
+        save_strategy="no",
+        logging_steps=max(1, args.steps // 5),
+        seed=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor)
@@ -121,14 +126,16 @@ def train_and_ask(args) -> None:
 
 
 def main(argv=None):
-    from mlmamba.training import DIGITS_RECIPE
+    from mlmamba.digits import DIGITS_RECIPE
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", help="model folder or Hub id to chat with (default: train a tiny model on digits)")
     parser.add_argument("--image", help="with --model: image file (default: scikit-image's astronaut photo)")
     parser.add_argument("--question", help='with --model: default "Provide a short description of this image."')
     parser.add_argument("--max-new-tokens", type=int, default=32, help="with --model: answer length limit")
-    parser.add_argument("--steps", type=int, default=DIGITS_RECIPE["max_steps"], help="training steps (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=DIGITS_RECIPE["max_steps"], help="training steps (default: %(default)s)"
+    )
     parser.add_argument("--output", help="where to save the trained model folder (default: a new temporary folder)")
     parser.add_argument("--index", type=int, default=0, help="which held-out digit to ask about (0-296)")
     args = parser.parse_args(argv)

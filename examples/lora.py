@@ -14,11 +14,15 @@ After training, the adapters are merged into the base weights and written as an 
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoModelForImageTextToText, HfArgumentParser
+from trl import SFTTrainer
 
-from mlmamba.training import default_lora_config, digits_accuracy, digits_dataset, merge_and_save
-from sft import ScriptArguments, build_tiny_model, parse_args
+from mlmamba.digits import digits_accuracy
+from mlmamba.training import default_lora_config, merge_and_save
+
+# isort: split
+# sft.py, next to this script: `python examples/lora.py` puts examples/ first on sys.path
+from sft import load_model_and_data, parse_args
 
 
 @dataclass
@@ -34,22 +38,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     lora_parser = HfArgumentParser(LoraArguments)
     lora_args, rest = lora_parser.parse_known_args(argv)
-    lora, = lora_parser.parse_dict(vars(lora_args))
+    (lora,) = lora_parser.parse_dict(vars(lora_args))
     script, config = parse_args(rest)
-
-    path = script.model or build_tiny_model()
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    if script.dataset == "digits":
-        image_size = processor.image_processor.image_size
-        train, test = digits_dataset("train", image_size), digits_dataset("test", image_size)
-    else:
-        from datasets import load_dataset
-
-        train, test = load_dataset(script.dataset, split=script.dataset_split), None
+    model, processor, train, test = load_model_and_data(script)
 
     peft_config = default_lora_config(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=train, processing_class=processor, peft_config=peft_config
+    )
     trainer.model.print_trainable_parameters()
     trainer.train()
     if not trainer.is_world_process_zero():

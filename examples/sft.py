@@ -26,20 +26,18 @@ from dataclasses import dataclass, field
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 from trl import SFTConfig, SFTTrainer
 
-from mlmamba.training import (
-    DIGITS_RECIPE,
-    RELEASED_RECIPE,
-    bf16_supported,
-    checkpointing_field,
-    digits_accuracy,
-    digits_dataset,
-)
+from mlmamba.digits import DIGITS_RECIPE, digits_accuracy, digits_dataset
+from mlmamba.training import RELEASED_RECIPE, bf16_supported, checkpointing_field
 
 
 @dataclass
 class ScriptArguments:
-    model: str | None = field(default=None, metadata={"help": "model folder or Hub id; default: a random mlmamba-tiny"})
-    dataset: str = field(default="digits", metadata={"help": "'digits', or a datasets name / folder with images + messages"})
+    model: str | None = field(
+        default=None, metadata={"help": "model folder or Hub id; default: a random mlmamba-tiny"}
+    )
+    dataset: str = field(
+        default="digits", metadata={"help": "'digits', or a datasets name / folder with images + messages"}
+    )
     dataset_split: str = field(default="train", metadata={"help": "split of --dataset to train on"})
 
 
@@ -69,20 +67,23 @@ def parse_args(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def main(argv=None):
-    script, config = parse_args(argv)
+def load_model_and_data(script: ScriptArguments):
+    """(model, processor, train, test) for the script's --model and --dataset. `test` is the held-out digits
+    for `--dataset digits` (sized to the model's images) and None for any other dataset."""
     path = script.model or build_tiny_model()
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-
     if script.dataset == "digits":
         image_size = processor.image_processor.image_size
-        train, test = digits_dataset("train", image_size), digits_dataset("test", image_size)
-    else:
-        from datasets import load_dataset
+        return model, processor, digits_dataset("train", image_size), digits_dataset("test", image_size)
+    from datasets import load_dataset
 
-        train, test = load_dataset(script.dataset, split=script.dataset_split), None
+    return model, processor, load_dataset(script.dataset, split=script.dataset_split), None
 
+
+def main(argv=None):
+    script, config = parse_args(argv)
+    model, processor, train, test = load_model_and_data(script)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor)
     trainer.train()
     trainer.save_model(config.output_dir)  # weights, processor and code files: loads with trust_remote_code=True
@@ -90,7 +91,8 @@ def main(argv=None):
     if not trainer.is_world_process_zero():
         return
     wrapped = type(trainer.model_wrapped).__name__
-    print(f"trained with {state.num_processes} process(es), {state.distributed_type.value} ({wrapped}); saved to {config.output_dir}")
+    processes = f"{state.num_processes} process(es), {state.distributed_type.value} ({wrapped})"
+    print(f"trained with {processes}; saved to {config.output_dir}")
     if test is not None:  # the saved folder, loaded as users load it
         saved = AutoModelForImageTextToText.from_pretrained(config.output_dir, trust_remote_code=True)
         accuracy, _ = digits_accuracy(saved, processor, test)

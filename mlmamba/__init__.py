@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from .configuration_mlmamba import MLMambaConfig, MLMambaConnectorConfig, MLMambaTextConfig, MLMambaVisionConfig
 from .modeling_mlmamba import MLMambaCache, MLMambaForConditionalGeneration, MLMambaModel, MLMambaPreTrainedModel
-from .processing_mlmamba import MLMambaImageProcessor, MLMambaProcessor
+from .image_processing_mlmamba import MLMambaImageProcessor
+from .processing_mlmamba import MLMambaProcessor
 
 __version__ = "0.1.0"
 

@@ -1,133 +1,35 @@
 """Image + text processing for ML-Mamba.
 
-MLMambaImageProcessor: each image is made square and resized (bicubic, no crop) to image_size x
-    image_size, scaled to [0, 1] and normalised once per vision encoder with that encoder's mean/std;
-    the results are stacked on channels -> pixel_values (n, 3 * n_encoders, S, S). Squaring, as
-    prismatic's `image_resize_strategy` names it: "resize-naive" (ML-Mamba and Cobra as released)
-    stretches the image; "letterbox" (LLaVA's "pad", which VL-Mamba builds on) first pads it to a square
-    with the first encoder's mean colour, centred.
-MLMambaProcessor: the image processor plus a GPT-NeoX-style tokenizer. Each `<image>` in the text
-    is expanded to `num_image_tokens` placeholder tokens, which the model replaces with the image's
-    embeddings; the number of `<image>` must equal the number of images.
+MLMambaProcessor: the image processor (MLMambaImageProcessor, in image_processing_mlmamba.py) plus a
+    GPT-NeoX-style tokenizer. Each `<image>` in the text is expanded to `num_image_tokens` placeholder
+    tokens, which the model replaces with the image's embeddings; the number of `<image>` must equal the
+    number of images.
+
+Saved folders carry this file with the model code, and transformers' remote-code loader copies only the
+modules it imports directly: import package modules here as `from .module import ...`, never through
+another module of the package.
 """
 
-import json
-from pathlib import Path
-
-import numpy as np
-import torch
-import transformers
-from PIL import Image
 from transformers import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from ._compat import processor_class_attributes, rewrite_tokenizer_class
+from .image_processing_mlmamba import MLMambaImageProcessor, _flatten_images
+
+__all__ = ["IMAGE_TOKEN", "MLMambaImageProcessor", "MLMambaProcessor"]
+
 IMAGE_TOKEN = "<image>"
-RESIZE_STRATEGIES = ("resize-naive", "letterbox")
-
-
-def _to_pil(image) -> Image.Image:
-    """PIL image, (H, W[, C]) numpy array, or (C, H, W) torch tensor (uint8 0-255 or float 0-1) -> RGB PIL."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"a torch image must have shape (3, H, W) or (1, H, W); got {tuple(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
-            raise ValueError(f"a numpy image must have shape (H, W), (H, W, 3) or (H, W, 4); got {image.shape}")
-        if image.dtype != np.uint8:
-            if image.min() < 0 or image.max() > 1:
-                raise ValueError("a float image must hold values in [0, 1]; pass uint8 for 0-255 values")
-            image = (image * 255).round().astype(np.uint8)
-        return Image.fromarray(image).convert("RGB")
-    raise TypeError(
-        f"images must be PIL.Image.Image, numpy arrays (H, W, 3) or torch tensors (3, H, W); got {type(image).__name__}"
-    )
-
-
-def letterbox(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Pad to a square of side max(w, h) with `fill`, the image centred (LLaVA's `expand2square`)."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    square = Image.new(image.mode, (side, side), fill)
-    square.paste(image, ((side - w) // 2, (side - h) // 2))
-    return square
-
-
-def _flatten_images(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (list, tuple)):
-        return [im for item in images for im in _flatten_images(item)]
-    return [images]
-
-
-class MLMambaImageProcessor(BaseImageProcessor):
-    model_input_names = ["pixel_values"]
-
-    def __init__(
-        self,
-        image_size: int = 384,
-        patch_size: int = 14,
-        image_mean=None,
-        image_std=None,
-        resample: int = Image.BICUBIC,
-        resize_strategy: str = "resize-naive",
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if resize_strategy not in RESIZE_STRATEGIES:
-            raise ValueError(f"resize_strategy={resize_strategy!r} is not supported; use one of {list(RESIZE_STRATEGIES)}")
-        self.resize_strategy = resize_strategy
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.image_mean = [list(m) for m in (image_mean or [[0.5, 0.5, 0.5]])]
-        self.image_std = [list(s) for s in (image_std or [[0.5, 0.5, 0.5]])]
-        self.resample = int(resample)
-        if len(self.image_mean) != len(self.image_std):
-            raise ValueError("image_mean and image_std need one entry per vision encoder")
-
-    @property
-    def num_image_tokens(self) -> int:
-        """Image tokens per image: the patch grid of the vision encoders."""
-        return (self.image_size // self.patch_size) ** 2
-
-    def preprocess(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
-        images = _flatten_images(images)
-        if not images:
-            raise ValueError("no images given")
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, :, None, None]  # (E, 3, 1, 1)
-        std = np.asarray(self.image_std, dtype=np.float32)[:, :, None, None]
-        out = []
-        fill = tuple(int(255 * m) for m in self.image_mean[0])  # as LLaVA's expand2square
-        for image in images:
-            pil = _to_pil(image)
-            if self.resize_strategy == "letterbox":
-                pil = letterbox(pil, fill)
-            pil = pil.resize((self.image_size, self.image_size), resample=self.resample)
-            x = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, S, S)
-            out.append(((x[None] - mean) / std).reshape(-1, self.image_size, self.image_size))
-        return BatchFeature({"pixel_values": np.stack(out)}, tensor_type=return_tensors)
-
-    def __call__(self, images, **kwargs) -> BatchFeature:
-        return self.preprocess(images, **kwargs)
 
 
 class MLMambaProcessor(ProcessorMixin):
     """Wraps MLMambaImageProcessor and a tokenizer; `processor(images=..., text=...)` gives the model inputs."""
 
     attributes = ["image_processor", "tokenizer"]
-    if int(transformers.__version__.split(".")[0]) < 5:  # 5.x reads the classes from __init__'s signature
-        image_processor_class = "AutoImageProcessor"
-        tokenizer_class = "AutoTokenizer"
+    locals().update(processor_class_attributes())  # the class namespace: 4.x's image_processor_class etc.
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_TOKEN, **kwargs):
+    def __init__(
+        self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_TOKEN, **kwargs
+    ):
         self.image_token = image_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
@@ -230,7 +132,9 @@ class MLMambaProcessor(ProcessorMixin):
             if max_length is None:
                 raise ValueError("padding='max_length' needs max_length")
             if max(lengths) > max_length:
-                raise ValueError(f"a text has {max(lengths)} tokens (images included), more than max_length={max_length}")
+                raise ValueError(
+                    f"a text has {max(lengths)} tokens (images included), more than max_length={max_length}"
+                )
             target = max_length
         else:
             raise ValueError(f"padding={padding!r}; use False, True, 'longest' or 'max_length'")
@@ -249,7 +153,11 @@ class MLMambaProcessor(ProcessorMixin):
         as tokenizers and other processors return them (TRL's template checks index into those lists). A direct
         `processor(images=..., text=...)` call still returns tensors."""
         processor_kwargs = kwargs.get("processor_kwargs") or {}
-        if kwargs.get("tokenize") and kwargs.get("return_tensors", "auto") == "auto" and "return_tensors" not in processor_kwargs:
+        if (
+            kwargs.get("tokenize")
+            and kwargs.get("return_tensors", "auto") == "auto"
+            and "return_tensors" not in processor_kwargs
+        ):
             kwargs["return_tensors"] = None
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
@@ -257,12 +165,7 @@ class MLMambaProcessor(ProcessorMixin):
         """transformers' `save_pretrained`, with `tokenizer_class` written as "PreTrainedTokenizerFast": the name
         transformers 5 writes ("TokenizersBackend") does not exist in 4.x, and both read this one."""
         saved = super().save_pretrained(save_directory, *args, **kwargs)
-        tok_config = Path(save_directory) / "tokenizer_config.json"
-        if tok_config.is_file():
-            data = json.loads(tok_config.read_text())
-            if data.get("tokenizer_class") == "TokenizersBackend":
-                data["tokenizer_class"] = "PreTrainedTokenizerFast"
-                tok_config.write_text(json.dumps(data, indent=2) + "\n")
+        rewrite_tokenizer_class(save_directory)
         return saved
 
     def batch_decode(self, *args, **kwargs):

@@ -2,17 +2,18 @@
 
 Same conventions as the GPT-NeoX-20B tokenizer that ML-Mamba uses: byte-level pre-tokenizer and
 decoder, `<|endoftext|>` = id 0 is both eos and pad, `<|padding|>` = id 1, no BOS. `<image>` is
-added as a special token after the learned vocabulary. Padding is on the left, for batched generation. The merges are learned from a small fixed
-English corpus, so the result is deterministic and needs no network. Real checkpoints use their
-own tokenizer (the converter's --tokenizer).
+added as a special token after the learned vocabulary. Padding is on the left, for batched generation.
+The merges are learned from a small fixed English corpus, so the result is deterministic and needs no
+network. Real checkpoints use their own tokenizer (the converter's --tokenizer).
 """
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .processing_mlmamba import IMAGE_TOKEN as IMAGE  # the processor's marker, defined once
+
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"
-IMAGE = "<image>"
 
 _CORPUS = """\
 A photo of a cat sitting on a red chair next to a window. Two dogs are playing in the park.

@@ -1,19 +1,19 @@
-"""Fine-tuning helpers for TRL's `SFTTrainer` and PEFT, and a small real task to check that training works.
+"""Fine-tuning helpers for TRL's `SFTTrainer` and PEFT.
 
     sft_config(output_dir, **overrides)     SFTConfig with the released recipe and loss on assistant replies only
     default_lora_config(...)                 peft.LoraConfig: LoRA on the mixers' and connector's linears,
                                              the projector trained fully (modules_to_save); never a conv
     merge_and_save(model, processor, dir)    merge a LoRA model into its base and write a model folder
-    digits_dataset(split, image_size)        scikit-learn's digits as conversational image data for SFTTrainer
-    digits_accuracy(model, processor, data)  greedy answers to "Which digit is this?", and their accuracy
 
-The datasets follow the format TRL documents for vision-language models: an `images` column (a list of
+A small real task to check that training works, scikit-learn's digits, is in `mlmamba.digits`.
+
+Datasets for SFTTrainer follow the format TRL documents for vision-language models: an `images` column (a list of
 images per row) and a `messages` column whose user turn holds `{"type": "image"}` placeholders. TRL's
 `DataCollatorForVisionLanguageModeling` turns them into `input_ids`, `pixel_values` and `labels`; with
 `assistant_only_loss=True` the labels keep only the tokens the chat template marks with `{% generation %}`:
 the assistant replies and their `<|endoftext|>`.
 
-trl, peft and datasets are imported where they are used, so importing this module needs none of them
+trl and peft are imported where they are used, so importing this module needs neither of them
 (`pip install "mlmamba[train]"` installs them).
 """
 
@@ -22,26 +22,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 # ML-Mamba's released fine-tuning recipe (prismatic's "finetune" stage): AdamW, lr 2e-5, weight decay 0.1,
 # warmup over the first 3% of steps, then cosine decay. transformers 5 takes a warmup fraction < 1 in
 # `warmup_steps` (it has no `warmup_ratio`).
 RELEASED_RECIPE = dict(learning_rate=2e-5, weight_decay=0.1, warmup_steps=0.03, lr_scheduler_type="cosine")
-
-# Training a random mlmamba-tiny from scratch on the digits: a fine-tuning learning rate would take
-# thousands of steps; this reaches ~85-90% held-out accuracy in under a minute on two CPU cores.
-DIGITS_RECIPE = dict(
-    learning_rate=3e-3, weight_decay=0.1, warmup_steps=0.03, lr_scheduler_type="cosine", max_steps=400,
-    per_device_train_batch_size=32,
-)
-
-DIGITS_QUESTION = "Which digit is this?"
-# sklearn's 1797 digits, shuffled once with this seed: the first 1500 train, the other 297 are held out.
-_DIGITS_SEED = 0
-_DIGITS_TRAIN = 1500
 
 
 def bf16_supported() -> bool:
@@ -93,7 +79,9 @@ LORA_TARGET_MODULES = (
 LORA_PROJECTOR_TARGETS = r"|connector\.projector(?:\.[024])?"  # one Linear (VSS-L2) or a Sequential's Linears
 
 
-def default_lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, train_projector: bool = True, **kwargs):
+def default_lora_config(
+    r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, train_projector: bool = True, **kwargs
+):
     """A `peft.LoraConfig` for ML-Mamba, Cobra and VL-Mamba.
 
     LoRA adapters go on the mixers' `in_proj` and `out_proj` (language model, MSC or VSS), the connector's
@@ -124,7 +112,7 @@ def default_lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float =
 
 def lora_target_names(model, config=None) -> list[str]:
     """The module names of `model` that `config` (default: `default_lora_config()`) puts LoRA adapters on."""
-    pattern = (config.target_modules if config is not None else LORA_TARGET_MODULES)
+    pattern = config.target_modules if config is not None else LORA_TARGET_MODULES
     if not isinstance(pattern, str):
         raise TypeError("lora_target_names expects a LoraConfig whose target_modules is a regular expression")
     return [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
@@ -137,76 +125,3 @@ def merge_and_save(model, processor, output_dir: str | Path) -> Path:
 
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     return save_folder(merged, processor, output_dir)
-
-
-# --------------------------------------------------------------------------------------
-# The digits task: scikit-learn's 8x8 handwritten digits, upscaled, "Which digit is this?"
-# --------------------------------------------------------------------------------------
-
-
-def digit_image(pixels: np.ndarray, image_size: int = 42) -> Image.Image:
-    """An 8x8 digit (values 0-16, ink high) -> an RGB image of image_size x image_size, dark ink on white
-    paper, upscaled with nearest-neighbour sampling (block pixels, no blur)."""
-    gray = (255 - np.asarray(pixels, dtype=np.float32) * (255 / 16)).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(gray, mode="L").resize((image_size, image_size), Image.NEAREST).convert("RGB")
-
-
-def digits_messages(answer: int | str | None = None, question: str = DIGITS_QUESTION) -> list[dict]:
-    """The conversation for one digit: the image and the question, then the answer when given."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
-    return messages
-
-
-def digits_dataset(split: str = "train", image_size: int = 42, limit: int | None = None):
-    """scikit-learn's digits (shipped with the package, no download) as a `datasets.Dataset` for SFTTrainer.
-
-    Columns: `images` (one PIL image per row), `messages` (user: image + "Which digit is this?", assistant:
-    the digit, e.g. "7") and `label` (the digit as an int). `split` is "train" (1500 images) or "test" (297
-    held-out images); the split is fixed. `limit` keeps the first rows only.
-    """
-    from datasets import Dataset, Features, Image as ImageFeature, List, Value
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "test"):
-        raise ValueError(f"split={split!r}; use 'train' or 'test'")
-    digits = load_digits()
-    order = np.random.RandomState(_DIGITS_SEED).permutation(len(digits.target))
-    order = order[:_DIGITS_TRAIN] if split == "train" else order[_DIGITS_TRAIN:]
-    if limit is not None:
-        order = order[:limit]
-    rows = {
-        "images": [[digit_image(digits.images[i], image_size)] for i in order],
-        "messages": [digits_messages(int(digits.target[i])) for i in order],
-        "label": [int(digits.target[i]) for i in order],
-    }
-    message = {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-    features = Features({"images": List(ImageFeature()), "messages": List(message), "label": Value("int64")})
-    return Dataset.from_dict(rows, features=features)
-
-
-@torch.no_grad()
-def digits_answers(model, processor, dataset, batch_size: int = 64, max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers of `model` to the dataset's questions (the assistant turns are dropped)."""
-    was_training = model.training
-    model.eval()
-    prompt = processor.apply_chat_template(digits_messages(), add_generation_prompt=True)
-    answers = []
-    try:
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            images = [row[0] for row in rows["images"]]
-            inputs = processor(images=images, text=[prompt] * len(images), padding=True).to(model.device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return [a.strip() for a in answers]
-
-
-def digits_accuracy(model, processor, dataset, **kwargs) -> tuple[float, list[str]]:
-    """(fraction of exactly right answers, the answers) on a `digits_dataset`."""
-    answers = digits_answers(model, processor, dataset, **kwargs)
-    correct = sum(answer == str(label) for answer, label in zip(answers, dataset["label"]))
-    return correct / len(answers), answers

@@ -48,7 +48,7 @@ def test_folder_loads_without_the_package(family, family_folder, tmp_path):
     files = {p.name for p in family_folder.iterdir()}
     for name in (
         "config.json", "model.safetensors", "configuration_mlmamba.py", "modeling_mlmamba.py", "mamba2_mixer.py", "mamba1_mixer.py",
-        "processing_mlmamba.py", "chat_template.jinja", "tokenizer.json", "processor_config.json",
+        "processing_mlmamba.py", "image_processing_mlmamba.py", "chat_template.jinja", "tokenizer.json", "processor_config.json",
     ):
         assert name in files, name
     auto_map = json.loads((family_folder / "config.json").read_text())["auto_map"]

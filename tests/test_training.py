@@ -19,17 +19,8 @@ from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 
 from mlmamba.convert import random_model, save_folder
-from mlmamba.training import (
-    DIGITS_RECIPE,
-    default_lora_config,
-    digits_accuracy,
-    digits_answers,
-    digits_dataset,
-    digits_messages,
-    lora_target_names,
-    merge_and_save,
-    sft_config,
-)
+from mlmamba.digits import DIGITS_RECIPE, digits_accuracy, digits_answers, digits_dataset, digits_messages
+from mlmamba.training import default_lora_config, lora_target_names, merge_and_save, sft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,9 +118,29 @@ def test_trl_sft_command_line_trains_a_remote_code_folder(tiny, tiny_folder, tmp
     out = tmp_path / "sft-out"
     trl = Path(sys.executable).with_name("trl")
     command = [
-        str(trl), "sft", "--model_name_or_path", str(tiny_folder), "--trust_remote_code", "--dataset_name", str(data_dir),
-        "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-        "--assistant_only_loss", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
+        str(trl),
+        "sft",
+        "--model_name_or_path",
+        str(tiny_folder),
+        "--trust_remote_code",
+        "--dataset_name",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--assistant_only_loss",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_subprocess_env(), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -150,14 +161,19 @@ def test_default_lora_targets():
     names = lora_target_names(model)
     n_lm, n_msc = model.config.text_config.n_layer, model.config.connector_config.num_layers
     for i in range(n_lm):
-        assert {f"model.language_model.layers.{i}.mixer.in_proj", f"model.language_model.layers.{i}.mixer.out_proj"} <= set(names)
+        assert {
+            f"model.language_model.layers.{i}.mixer.in_proj",
+            f"model.language_model.layers.{i}.mixer.out_proj",
+        } <= set(names)
     for i in range(n_msc):
         assert f"model.connector.msc.layers.{i}.mixer.in_proj" in names
     assert "model.connector.mlp.0" in names
     assert not [n for n in names if re.search(r"conv1d|vision_tower|embedding|lm_head|projector", n)]
     assert "projector" in default_lora_config().modules_to_save
     on_projector = lora_target_names(model, default_lora_config(train_projector=False))
-    assert {"model.connector.projector.0", "model.connector.projector.2", "model.connector.projector.4"} <= set(on_projector)
+    assert {"model.connector.projector.0", "model.connector.projector.2", "model.connector.projector.4"} <= set(
+        on_projector
+    )
 
 
 def test_lora_training_merge_and_reload(tmp_path):
@@ -165,11 +181,19 @@ def test_lora_training_merge_and_reload(tmp_path):
     model, processor = random_model("mlmamba-tiny", seed=0)
     base = {n: t.clone() for n, t in model.state_dict().items()}
     config = sft_config(
-        str(tmp_path / "lora"), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-3, use_cpu=True,
-        save_strategy="no", disable_tqdm=True,
+        str(tmp_path / "lora"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=digits_dataset("train", limit=12), processing_class=processor,
+        model=model,
+        args=config,
+        train_dataset=digits_dataset("train", limit=12),
+        processing_class=processor,
         peft_config=default_lora_config(r=4, lora_alpha=8),
     )
     trainer.train()
@@ -207,9 +231,24 @@ def model_logits(state: dict, inputs) -> torch.Tensor:
 def test_ddp_two_cpu_processes_with_accelerate_launch(tiny_folder, tmp_path):
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate/ddp.yaml"),
-        str(ROOT / "examples/sft.py"), "--model", str(tiny_folder), "--use_cpu", "true", "--max_steps", "3",
-        "--per_device_train_batch_size", "4", "--output_dir", str(out), "--disable_tqdm", "true",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples/accelerate/ddp.yaml"),
+        str(ROOT / "examples/sft.py"),
+        "--model",
+        str(tiny_folder),
+        "--use_cpu",
+        "true",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--output_dir",
+        str(out),
+        "--disable_tqdm",
+        "true",
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_subprocess_env(), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -224,7 +263,6 @@ _FSDP2_WORKER = textwrap.dedent(
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from mlmamba.convert import random_model
-    from mlmamba.modeling_mlmamba import MLMambaBlock, MSCLayer
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -236,15 +274,17 @@ _FSDP2_WORKER = textwrap.dedent(
     ids[:, :9] = model.config.image_token_id
     pixels = torch.randn(4, 6, 42, 42, generator=g)
 
-    # what accelerate's FSDP2 plugin does with TRANSFORMER_BASED_WRAP: one unit per _no_split_modules block
+    # what accelerate's FSDP2 plugin does with TRANSFORMER_BASED_WRAP: one unit per block it names by class name
+    # (as _no_split_modules does), here the language model's and the scan connector's layers
     for module in model.modules():
-        if isinstance(module, (MLMambaBlock, MSCLayer)):
+        if type(module).__name__ in ("MLMambaBlock", "MSCLayer"):
             fully_shard(module)
     fully_shard(model)
     half = slice(2 * rank, 2 * rank + 2)
     model(input_ids=ids[half], pixel_values=pixels[half], labels=ids[half]).loss.backward()
     # one process, whole batch: the mean of the two halves' losses
-    loss = sum(reference(input_ids=ids[s], pixel_values=pixels[s], labels=ids[s]).loss for s in (slice(0, 2), slice(2, 4)))
+    halves = (slice(0, 2), slice(2, 4))
+    loss = sum(reference(input_ids=ids[s], pixel_values=pixels[s], labels=ids[s]).loss for s in halves)
     (loss / 2).backward()
     worst = 0.0
     sharded = 0
