@@ -153,7 +153,7 @@ def ssd_chunk_scan(
         D = D.float().view(h, 1)
         y = y.addcmul_(x, D) if inplace else torch.addcmul(y, x, D)
     final_state = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # (b, g, n, j, p) -> (b, h, p, n)
-    return y.view(b, c * q, h, p)[:, :l].to(dtype), final_state
+    return y.reshape(b, c * q, h, p)[:, :l].to(dtype), final_state
 
 
 def ssd_step(

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from references import spread_weights  # also imported from here by the test files
 
 from mlmamba.convert import random_model, save_folder
 
@@ -37,17 +38,6 @@ def chat_inputs(processor, question: str, image=None, answer: str | None = None,
 
 
 FAMILIES = ["mlmamba-tiny", "cobra-tiny", "vlmamba-tiny"]  # Mamba-2 + MSC, Mamba-1 + MLP, Mamba-1 + VSS (CSM)
-
-
-@torch.no_grad()
-def spread_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Redraw every weight of `module` at unit scale (norm weights around 1). Initial weights are so small
-    that the outputs barely depend on the mixers and images, and a comparison would prove little."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        scale = 1 / p.shape[-1] ** 0.5 if p.ndim == 2 else 0.5
-        p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
-    return module
 
 
 @pytest.fixture(scope="session", params=FAMILIES)

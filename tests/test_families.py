@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, make_image
+from conftest import FAMILIES, make_image, spread_weights
 
 from mlmamba import MLMambaConfig
 from mlmamba.configuration_mlmamba import MLMambaConnectorConfig
@@ -19,11 +19,7 @@ def _connector(grid=(4, 4), vision=24, d_model=32, **config) -> MLMambaConnector
     config = MLMambaConnectorConfig(hidden_size=32, num_layers=1, d_state=8, headdim=16, chunk_size=8, **config)
     torch.manual_seed(0)
     connector = MLMambaConnector(config, vision, d_model, grid).eval()
-    with torch.no_grad():  # unit-scale weights: the default init leaves the scans nearly silent
-        for name, p in connector.named_parameters():
-            if not name.endswith(("A_log", "dt_bias", "dt_proj.bias", "norm.weight", "norm_f.weight")):
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return connector
+    return spread_weights(connector)  # unit-scale weights: the default init leaves the scans nearly silent
 
 
 def _route_swap(module: torch.nn.Module, pairs: dict[str, str]) -> torch.nn.Module:
@@ -92,7 +88,8 @@ def test_bsm_with_mamba2_mixers_is_the_released_msc_scan():
 def test_sft_steps_train_the_connector_and_language_model_not_the_vision_tower(name, tmp_path):
     from trl import SFTTrainer
 
-    from mlmamba.training import digits_dataset, sft_config
+    from mlmamba.digits import digits_dataset
+    from mlmamba.training import sft_config
 
     torch.manual_seed(0)
     model, processor = random_model(name, seed=0)

@@ -46,10 +46,13 @@ _LOADER = textwrap.dedent(
 def test_folder_loads_without_the_package(family, family_folder, tmp_path):
     model, processor = family
     files = {p.name for p in family_folder.iterdir()}
-    for name in (
-        "config.json", "model.safetensors", "configuration_mlmamba.py", "modeling_mlmamba.py", "mamba2_mixer.py", "mamba1_mixer.py",
-        "processing_mlmamba.py", "image_processing_mlmamba.py", "chat_template.jinja", "tokenizer.json", "processor_config.json",
-    ):
+    code = {
+        "configuration_mlmamba.py", "modeling_mlmamba.py", "vision_tower.py", "connectors.py", "language_model.py",
+        "cache.py", "ssm_ops.py", "kernels.py", "mamba2_mixer.py", "mamba1_mixer.py", "_compat.py",
+        "processing_mlmamba.py", "image_processing_mlmamba.py",
+    }
+    assert {p.name for p in family_folder.glob("*.py")} == code  # every module the code imports, nothing else
+    for name in ("config.json", "model.safetensors", "chat_template.jinja", "tokenizer.json", "processor_config.json"):
         assert name in files, name
     auto_map = json.loads((family_folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == auto_map["AutoModelForVision2Seq"]
