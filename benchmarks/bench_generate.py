@@ -56,7 +56,12 @@ def build(impl: str, size: str, device: str, dtype: torch.dtype, **text_override
 
     text = dict(SIZES[size], chunk_size=256, **text_overrides)
     tiny = PRESETS["mlmamba-tiny"]()
-    config = MLMambaConfig(vision_config=tiny["vision_config"], connector_config=tiny["connector_config"], text_config=text, image_token_id=50277)
+    config = MLMambaConfig(
+        vision_config=tiny["vision_config"],
+        connector_config=tiny["connector_config"],
+        text_config=text,
+        image_token_id=50277,
+    )
     if impl in ("ours", "ours-graph", "hf-mamba2"):
         ours = MLMambaForConditionalGeneration(config).to(device, dtype).eval()
         if impl == "ours":
@@ -66,12 +71,24 @@ def build(impl: str, size: str, device: str, dtype: torch.dtype, **text_override
         from transformers import Mamba2Config, Mamba2ForCausalLM
 
         d_inner = 2 * text["d_model"]
-        hf = Mamba2ForCausalLM(Mamba2Config(
-            num_heads=d_inner // text["headdim"], head_dim=text["headdim"], vocab_size=text["vocab_size"],
-            hidden_size=text["d_model"], state_size=text["d_state"], num_hidden_layers=text["n_layer"], n_groups=1,
-            expand=2, chunk_size=256, tie_word_embeddings=True,
-        ))
-        sd = {"backbone." + k.replace("embedding.", "embeddings."): v for k, v in ours.model.language_model.state_dict().items()}
+        hf = Mamba2ForCausalLM(
+            Mamba2Config(
+                num_heads=d_inner // text["headdim"],
+                head_dim=text["headdim"],
+                vocab_size=text["vocab_size"],
+                hidden_size=text["d_model"],
+                state_size=text["d_state"],
+                num_hidden_layers=text["n_layer"],
+                n_groups=1,
+                expand=2,
+                chunk_size=256,
+                tie_word_embeddings=True,
+            )
+        )
+        sd = {
+            "backbone." + k.replace("embedding.", "embeddings."): v
+            for k, v in ours.model.language_model.state_dict().items()
+        }
         hf.load_state_dict(sd, strict=False)
         hf.tie_weights()
         return hf.to(device, dtype).eval()
@@ -153,16 +170,32 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
         clock = Clock()
         sync(device)
         start = time.perf_counter()
-        model.generate(input_ids=ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False,
-                       pad_token_id=0, eos_token_id=None, stopping_criteria=[clock])
+        model.generate(
+            input_ids=ids,
+            max_new_tokens=new_tokens + 1,
+            min_new_tokens=new_tokens + 1,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            stopping_criteria=[clock],
+        )
         prefill = clock.times[0] - start  # the prompt and the first token
         decode_s = clock.times[-1] - clock.times[0]  # new_tokens decoding steps
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = rss_kib("VmHWM") / 2**20 if reset else float("nan")
-    return dict(impl=impl, prompt=prompt, batch=batch, prefill_ms=prefill * 1e3, decode_tps=batch * new_tokens / decode_s,
-                peak_gib=peak, n_params=n_params, mixing_flops=mixing_flops, weight_bytes=weight_bytes)
+    return dict(
+        impl=impl,
+        prompt=prompt,
+        batch=batch,
+        prefill_ms=prefill * 1e3,
+        decode_tps=batch * new_tokens / decode_s,
+        peak_gib=peak,
+        n_params=n_params,
+        mixing_flops=mixing_flops,
+        weight_bytes=weight_bytes,
+    )
 
 
 def _matvec_bandwidth(weights, device, repeats):
@@ -214,8 +247,12 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--impls", nargs="+", default=None, help="default: ours hf-mamba2 phi, and ours-graph on CUDA")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each row, interleaved across rows; the median is reported (default 3)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of each row, interleaved across rows; the median is reported (default 3)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args()
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -227,15 +264,31 @@ def main():
         return
 
     flops, head_bandwidth, bandwidth = machine_limits(args.device, getattr(torch, dtype_name), args.size)
-    print(f"machine: {args.device}, {dtype_name}; matmul {flops / 1e9:.0f} GFLOP/s; matrix-vector {bandwidth / 1e9:.1f} GB/s "
-          f"over a {args.size} model's weight matrices in turn ({head_bandwidth / 1e9:.1f} GB/s repeating the output layer "
-          "alone); the decode limit uses the first")
+    print(
+        f"machine: {args.device}, {dtype_name}; matmul {flops / 1e9:.0f} GFLOP/s; "
+        f"matrix-vector {bandwidth / 1e9:.1f} GB/s "
+        f"over a {args.size} model's weight matrices in turn "
+        f"({head_bandwidth / 1e9:.1f} GB/s repeating the output layer "
+        "alone); the decode limit uses the first"
+    )
     cases = [(prompt, batch, impl) for prompt in args.prompts for batch in args.batch for impl in args.impls]
     runs = {case: [] for case in cases}
     for repeat in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
         for prompt, batch, impl in cases:
-            cmd = [sys.executable, __file__, "--one", f"{impl},{prompt},{batch}", "--size", args.size, "--device",
-                   args.device, "--dtype", dtype_name, "--new-tokens", str(args.new_tokens)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                f"{impl},{prompt},{batch}",
+                "--size",
+                args.size,
+                "--device",
+                args.device,
+                "--dtype",
+                dtype_name,
+                "--new-tokens",
+                str(args.new_tokens),
+            ]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
@@ -255,8 +308,12 @@ def main():
                 continue
             for other in (i for i in by if i != "ours"):
                 o, x = by["ours"], by[other]
-                print(f"  prompt {prompt:>6} batch {batch}: vs {other:<9} prefill x{x['prefill_ms'] / o['prefill_ms']:.2f}"
-                      f"  decode x{o['decode_tps'] / x['decode_tps']:.2f}  peak memory x{x['peak_gib'] / o['peak_gib']:.2f}")
+                print(
+                    f"  prompt {prompt:>6} batch {batch}: vs {other:<9} "
+                    f"prefill x{x['prefill_ms'] / o['prefill_ms']:.2f}"
+                    f"  decode x{o['decode_tps'] / x['decode_tps']:.2f}"
+                    f"  peak memory x{x['peak_gib'] / o['peak_gib']:.2f}"
+                )
 
 
 def _median(results):
@@ -281,9 +338,12 @@ def _fmt(r, flops, bandwidth):
     if "prefill_ms_range" in r:
         (p0, p1), (d0, d1) = r["prefill_ms_range"], r["decode_tps_range"]
         spread = f"  [prefill {p0:.0f}-{p1:.0f} ms, decode {d0:.1f}-{d1:.1f}]"
-    return (f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: prefill {r['prefill_ms']:8.0f} ms "
-            f"(limit {prefill_limit:6.0f} ms, {prefill_limit / r['prefill_ms']:4.0%})  decode {r['decode_tps']:7.1f} tok/s "
-            f"(limit {decode_limit:6.1f}, {r['decode_tps'] / decode_limit:4.0%})  peak {r['peak_gib']:.2f} GiB{spread}")
+    return (
+        f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: prefill {r['prefill_ms']:8.0f} ms "
+        f"(limit {prefill_limit:6.0f} ms, {prefill_limit / r['prefill_ms']:4.0%})  "
+        f"decode {r['decode_tps']:7.1f} tok/s "
+        f"(limit {decode_limit:6.1f}, {r['decode_tps'] / decode_limit:4.0%})  peak {r['peak_gib']:.2f} GiB{spread}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import transformers
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_mlmamba import MLMambaConfig, MLMambaConnectorConfig, MLMambaTextConfig, MLMambaVisionConfig
-from .modeling_mlmamba import MLMambaCache, MLMambaForConditionalGeneration, MLMambaModel, MLMambaPreTrainedModel
 from .image_processing_mlmamba import MLMambaImageProcessor
+from .modeling_mlmamba import MLMambaCache, MLMambaForConditionalGeneration, MLMambaModel, MLMambaPreTrainedModel
 from .processing_mlmamba import MLMambaProcessor
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """The decoding state of the language model, and decoding steps replayed from a CUDA graph.
 
-    MLMambaCache   per layer a conv state and an SSM state, constant in sequence length
-    DecodeGraph    one single-token decoding step for one cache, captured once and replayed
+MLMambaCache   per layer a conv state and an SSM state, constant in sequence length
+DecodeGraph    one single-token decoding step for one cache, captured once and replayed
 """
 
 import torch
@@ -33,7 +33,10 @@ class MLMambaCache:
             conv_shape, ssm_shape = (d_inner, config.d_conv), (d_inner, config.d_state)
         else:
             conv_dim = d_inner + 2 * config.ngroups * config.d_state
-            conv_shape, ssm_shape = (conv_dim, config.d_conv), (d_inner // config.headdim, config.headdim, config.d_state)
+            conv_shape, ssm_shape = (
+                (conv_dim, config.d_conv),
+                (d_inner // config.headdim, config.headdim, config.d_state),
+            )
         self.conv_states = [
             torch.zeros(batch_size, *conv_shape, dtype=dtype, device=device) for _ in range(config.n_layer)
         ]

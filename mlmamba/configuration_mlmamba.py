@@ -84,12 +84,20 @@ def _mixer_fields(config) -> dict:
     """The mixer arguments that the text and connector configs share, by the mixer's names:
     `Mamba2Mixer`'s or `Mamba1Mixer`'s, as `config.ssm_layer` says."""
     fields = dict(
-        d_state=config.d_state, d_conv=config.d_conv, expand=config.expand, conv_bias=config.conv_bias, bias=config.bias
+        d_state=config.d_state,
+        d_conv=config.d_conv,
+        expand=config.expand,
+        conv_bias=config.conv_bias,
+        bias=config.bias,
     )
     if config.ssm_layer == "Mamba1":
         return dict(fields, dt_rank=config.dt_rank)
     return dict(
-        fields, headdim=config.headdim, ngroups=config.ngroups, chunk_size=config.chunk_size, norm_eps=config.norm_epsilon
+        fields,
+        headdim=config.headdim,
+        ngroups=config.ngroups,
+        chunk_size=config.chunk_size,
+        norm_eps=config.norm_epsilon,
     )
 
 
@@ -224,8 +232,12 @@ class MLMambaVisionConfig(PretrainedConfig):
         self.encoders = [e.to_dict() if isinstance(e, PretrainedConfig) else dict(e) for e in encoders]
         self.feature_layer = feature_layer
         self.image_resize_strategy = image_resize_strategy
-        self.image_mean = [list(m) for m in image_mean] if image_mean is not None else [[0.5, 0.5, 0.5]] * len(self.encoders)
-        self.image_std = [list(s) for s in image_std] if image_std is not None else [[0.5, 0.5, 0.5]] * len(self.encoders)
+        self.image_mean = (
+            [list(m) for m in image_mean] if image_mean is not None else [[0.5, 0.5, 0.5]] * len(self.encoders)
+        )
+        self.image_std = (
+            [list(s) for s in image_std] if image_std is not None else [[0.5, 0.5, 0.5]] * len(self.encoders)
+        )
         super().__init__(**kwargs)
         _one_of("image_resize_strategy", image_resize_strategy, ("resize-naive", "letterbox"))
         for enc in self.encoders:
@@ -239,7 +251,8 @@ class MLMambaVisionConfig(PretrainedConfig):
         sizes = {(c.image_size, c.patch_size) for c in configs}
         if len(sizes) != 1:
             raise ValueError(
-                f"fused encoders must share image_size and patch_size to concatenate their patch grids; got {sorted(sizes)}"
+                "fused encoders must share image_size and patch_size to concatenate their patch grids; "
+                f"got {sorted(sizes)}"
             )
         for c in configs:
             n = c.num_hidden_layers
@@ -285,14 +298,16 @@ class MLMambaConnectorConfig(PretrainedConfig):
     VL-Mamba's MultiModal Connectors (no code was released; this is our reading of the paper):
         "mlp2x":   Linear(vision -> d_model) GELU Linear(d_model -> d_model)
         "vss-mlp": VSS on the vision features (at the vision width), then the "mlp2x" layers
-        "vss-l2":  mlp: Linear(vision -> hidden_size) + GELU, VSS (at hidden_size), projector: Linear(hidden -> d_model):
+        "vss-l2":  mlp: Linear(vision -> hidden_size) + GELU, VSS (at hidden_size),
+                   projector: Linear(hidden -> d_model):
                    the VSS sits between the two linear layers
         VSS (Vision Selective Scan): `num_layers` x [x + Mixer(LayerNorm(x))], then LayerNorm `norm_f`.
 
     `scan`: how MSC and VSS mixers visit the patch grid: "bidirectional" (BSM: the flattened grid forward
     and backward, as ML-Mamba released) or "cross" (CSM: rows and columns, each both ways).
     `ssm_layer`: the scan's mixer, "Mamba2" (MSC always) or "Mamba1" (VL-Mamba's VSS). The other mixer fields
-    are keyword arguments with `MIXER_DEFAULTS`, as in MLMambaTextConfig. `hidden_size` defaults to the language model width.
+    are keyword arguments with `MIXER_DEFAULTS`, as in MLMambaTextConfig. `hidden_size` defaults to the
+    language model width.
     """
 
     model_type = "mlmamba_connector"
@@ -321,7 +336,10 @@ class MLMambaConnectorConfig(PretrainedConfig):
         _one_of("scan", scan, CONNECTOR_SCANS)
         _one_of("ssm_layer", ssm_layer, SSM_LAYERS)
         if connector_type == "msc" and ssm_layer != "Mamba2":
-            raise ValueError('the MSC is a Mamba-2 scan connector: use ssm_layer="Mamba2", or connector_type="vss-l2" / "vss-mlp" for a Mamba-1 scan')
+            raise ValueError(
+                'the MSC is a Mamba-2 scan connector: use ssm_layer="Mamba2", or connector_type="vss-l2" / "vss-mlp" '
+                "for a Mamba-1 scan"
+            )
 
     @property
     def scans_image(self) -> bool:
@@ -377,10 +395,13 @@ class MLMambaConfig(PretrainedConfig):
             if getattr(self, name, None) is not None and getattr(self.text_config, name, None) is None:
                 setattr(self.text_config, name, getattr(self, name))
         if self.connector_config.scans_image:
-            _check_mixer_fields(self.connector_config, self.connector_config.scan_width(self.vision_config.hidden_size))
+            _check_mixer_fields(
+                self.connector_config, self.connector_config.scan_width(self.vision_config.hidden_size)
+            )
         if not 0 <= image_token_id < self.text_config.vocab_size:
             raise ValueError(
-                f"image_token_id={image_token_id} must index the embedding matrix (vocab_size={self.text_config.vocab_size})"
+                f"image_token_id={image_token_id} must index the embedding matrix "
+                f"(vocab_size={self.text_config.vocab_size})"
             )
 
     @staticmethod

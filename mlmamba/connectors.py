@@ -1,4 +1,4 @@
-"""Connectors: fused vision features (n, grid * grid, vision_hidden) -> language-model embeddings (n, grid * grid, d_model).
+"""Connectors: fused vision features (n, grid * grid, vision_hidden) -> embeddings (n, grid * grid, d_model).
 
     "msc"      mlp (Linear + GELU), msc (MSC), projector (fused 3-layer MLP)      ML-Mamba
     "mlp"      projector (fused 3-layer MLP)                                     Cobra
@@ -33,7 +33,8 @@ class SwiGLU(nn.Module):
 
 
 class MSCLayer(GradientCheckpointingLayer):
-    """x = x + Mamba2(x) (bidirectional or cross scan, no norm before it, as released); x = x + SwiGLU(LayerNorm(x))."""
+    """x = x + Mamba2(x) (bidirectional or cross scan, no norm before it, as released);
+    x = x + SwiGLU(LayerNorm(x))."""
 
     def __init__(self, config: MLMambaConnectorConfig, width: int):
         super().__init__()

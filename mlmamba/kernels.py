@@ -75,7 +75,9 @@ def _try(what: str, load: Callable):
     try:
         return load()
     except Exception as err:  # a broken install fails in many ways; the torch path then runs
-        logger.warning("mlmamba: %s is unavailable on CUDA (%s: %s); using the torch path", what, type(err).__name__, err)
+        logger.warning(
+            "mlmamba: %s is unavailable on CUDA (%s: %s); using the torch path", what, type(err).__name__, err
+        )
         return None
 
 

@@ -1,9 +1,9 @@
 """The Mamba language model: mamba_ssm's `MixerModel` layout (embedding, layers.N.{norm,mixer}, norm_f).
 
-    MLMambaBlock            pre-norm block around a Mamba-2 or Mamba-1 mixer (by `text_config.ssm_layer`)
-    MLMambaLanguageModel    the blocks and the final norm, with chunked prefill and packed sequences
-    packed_sequence_index   which sequence each token of a padding-free (packed) batch belongs to
-    causal_lm_loss          next-token cross-entropy
+MLMambaBlock            pre-norm block around a Mamba-2 or Mamba-1 mixer (by `text_config.ssm_layer`)
+MLMambaLanguageModel    the blocks and the final norm, with chunked prefill and packed sequences
+packed_sequence_index   which sequence each token of a padding-free (packed) batch belongs to
+causal_lm_loss          next-token cross-entropy
 """
 
 import torch
@@ -71,7 +71,8 @@ def default_max_prefill_tokens(device: torch.device) -> int:
 
 
 class MLMambaLanguageModel(nn.Module):
-    """Mamba-2 or Mamba-1 backbone without head (mamba_ssm's `MixerModel`): (b, l, d_model) embeddings -> hidden states."""
+    """Mamba-2 or Mamba-1 backbone without head (mamba_ssm's `MixerModel`): (b, l, d_model) embeddings ->
+    hidden states."""
 
     def __init__(self, config: MLMambaTextConfig):
         super().__init__()
@@ -131,7 +132,9 @@ class MLMambaLanguageModel(nn.Module):
         Mamba2Mixer), then put the outputs back in the packed layout."""
         b, l, d = inputs_embeds.shape
         segment, position, n_seg, max_len, _ = unpack_sequences(seq_idx)
-        rows = inputs_embeds.new_zeros(n_seg, max_len, d).index_put((segment, position), inputs_embeds.reshape(b * l, d))
+        rows = inputs_embeds.new_zeros(n_seg, max_len, d).index_put(
+            (segment, position), inputs_embeds.reshape(b * l, d)
+        )
         mask = torch.zeros(n_seg, max_len, dtype=torch.long, device=inputs_embeds.device)
         mask[segment, position] = 1
         hidden, all_hidden = self.forward(rows, mask, None, output_hidden_states=output_hidden_states)
@@ -166,7 +169,9 @@ def packed_sequence_index(
         return None
     seq_idx = seq_idx.long()
     if seq_idx.ndim != 2 or not bool((seq_idx[:, 1:] >= seq_idx[:, :-1]).all()):
-        raise ValueError("packed sequences must be contiguous: seq_idx of shape (batch, seq), non-decreasing along each row")
+        raise ValueError(
+            "packed sequences must be contiguous: seq_idx of shape (batch, seq), non-decreasing along each row"
+        )
     if bool((seq_idx == seq_idx[:, :1]).all()):
         return None
     return seq_idx

@@ -160,7 +160,6 @@ def selective_step(
     return y.to(x.dtype)
 
 
-
 class Mamba1Mixer(ScanMixer):
     """Mamba-1 selective-scan mixer (mamba_simple's `Mamba`). Input and output: (b, l, d_model); routes and
     states as in `ScanMixer`.
@@ -231,7 +230,9 @@ class Mamba1Mixer(ScanMixer):
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
         return {
             f"dt_proj{suffix}.weight": weight,
-            f"dt_proj{suffix}.bias": inverse_softplus_dt(self.d_inner, self.dt_min, self.dt_max, self.dt_init_floor, device),
+            f"dt_proj{suffix}.bias": inverse_softplus_dt(
+                self.d_inner, self.dt_min, self.dt_max, self.dt_init_floor, device
+            ),
             "A_log" + suffix: torch.log(A).expand(self.d_inner, -1).contiguous(),
             "D" + suffix: torch.ones(self.d_inner, device=device),
         }

@@ -36,8 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import NO_DT_LIMIT, get_kernels
-from .ssm_ops import EXP_FLOOR, RMSNormGated, ScanMixer, causal_conv_silu, causal_conv_step, check_scan
-from .ssm_ops import inverse_softplus_dt
+from .ssm_ops import (
+    EXP_FLOOR,
+    RMSNormGated,
+    ScanMixer,
+    causal_conv_silu,
+    causal_conv_step,
+    check_scan,
+    inverse_softplus_dt,
+)
 
 # The torch scan's chunk length when the config's is longer: the result does not depend on it (up to
 # rounding), the (q x q) work does; 64 was the fastest on CPUs (see docs/PERFORMANCE.md).
@@ -197,7 +204,6 @@ def ssd_step(
     return y.to(x.dtype)
 
 
-
 class Mamba2Mixer(ScanMixer):
     """Mamba-2 SSD mixer. Input and output: (b, l, d_model); routes and states as in `ScanMixer`.
 
@@ -259,7 +265,8 @@ class Mamba2Mixer(ScanMixer):
             self.reset_ssm_parameters()
 
     def ssm_parameter_values(self, suffix: str) -> dict:
-        """mamba_ssm's initialisation: dt_bias the inverse softplus of a log-uniform dt, A = -U(A_init_range), D = 1."""
+        """mamba_ssm's initialisation: dt_bias the inverse softplus of a log-uniform dt, A = -U(A_init_range),
+        D = 1."""
         device = self.get_parameter("dt_bias" + suffix).device
         device = None if device.type == "meta" else device
         return {

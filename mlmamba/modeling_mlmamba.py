@@ -52,7 +52,6 @@ from .ssm_ops import RMSNorm, RMSNormGated, ScanMixer
 from .vision_tower import MLMambaVisionTower
 
 
-
 @dataclass
 class MLMambaModelOutput(ModelOutput):
     """
@@ -206,7 +205,9 @@ class MLMambaModel(MLMambaPreTrainedModel):
         if not use_cache:
             return None
         if cache is None:
-            return MLMambaCache(self.config.text_config, batch_size, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            return MLMambaCache(
+                self.config.text_config, batch_size, dtype=inputs_embeds.dtype, device=inputs_embeds.device
+            )
         if cache.batch_size != batch_size:
             raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch_size}")
         return cache

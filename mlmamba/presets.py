@@ -40,7 +40,9 @@ MAMBA2_2_7B = dict(
     d_model=2560, n_layer=64, vocab_size=50288, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=256
 )
 # state-spaces/mamba-2.8b (-slimpj), and xiuyul/mamba-2.8b-zephyr fine-tuned from it: vocab 50277 padded to 50280.
-MAMBA1_2_8B = dict(ssm_layer="Mamba1", d_model=2560, n_layer=64, vocab_size=50280, d_state=16, d_conv=4, expand=2, dt_rank=160)
+MAMBA1_2_8B = dict(
+    ssm_layer="Mamba1", d_model=2560, n_layer=64, vocab_size=50280, d_state=16, d_conv=4, expand=2, dt_rank=160
+)
 
 DINOSIGLIP_384 = dict(
     encoders=[DINOV2_L14_REG4_384, SIGLIP_SO400M_14_384],
@@ -53,7 +55,14 @@ DINOSIGLIP_TINY = dict(
     DINOSIGLIP_384,
     encoders=[
         dict(DINOV2_L14_REG4_384, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=42),
-        dict(SIGLIP_SO400M_14_384, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2, image_size=42),
+        dict(
+            SIGLIP_SO400M_14_384,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=42,
+        ),
     ],
 )
 # Vocabulary of the offline tokenizer of the tiny presets: 512 + specials (<image> = 512), padded to 528.
@@ -101,10 +110,15 @@ def _vlmamba_3b() -> dict:
     # VSS-L2 with CSM at the LM width; Mamba-1 scan mixers as VMamba's SS2D (d_state 16, expand 2).
     return dict(
         vision_config=dict(
-            encoders=[CLIP_L14_336], feature_layer=-2, image_mean=[CLIP_MEAN], image_std=[CLIP_STD],
+            encoders=[CLIP_L14_336],
+            feature_layer=-2,
+            image_mean=[CLIP_MEAN],
+            image_std=[CLIP_STD],
             image_resize_strategy="letterbox",  # LLaVA-1.5's "pad", which VL-Mamba trains with
         ),
-        connector_config=dict(connector_type="vss-l2", scan="cross", ssm_layer="Mamba1", num_layers=1, d_state=16, expand=2),
+        connector_config=dict(
+            connector_type="vss-l2", scan="cross", ssm_layer="Mamba1", num_layers=1, d_state=16, expand=2
+        ),
         text_config=MAMBA1_2_8B,
         image_token_id=50277,
     )
@@ -112,12 +126,20 @@ def _vlmamba_3b() -> dict:
 
 def _vlmamba_tiny() -> dict:
     # 56 px / 14 px patches -> a 4 x 4 grid, so that rows and columns differ in the cross scan.
-    clip = dict(CLIP_L14_336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56)
+    clip = dict(
+        CLIP_L14_336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56
+    )
     return dict(
         vision_config=dict(
-            encoders=[clip], feature_layer=-2, image_mean=[CLIP_MEAN], image_std=[CLIP_STD], image_resize_strategy="letterbox"
+            encoders=[clip],
+            feature_layer=-2,
+            image_mean=[CLIP_MEAN],
+            image_std=[CLIP_STD],
+            image_resize_strategy="letterbox",
         ),
-        connector_config=dict(connector_type="vss-l2", scan="cross", ssm_layer="Mamba1", num_layers=1, d_state=8, expand=2),
+        connector_config=dict(
+            connector_type="vss-l2", scan="cross", ssm_layer="Mamba1", num_layers=1, d_state=8, expand=2
+        ),
         text_config=dict(TINY_TEXT, ssm_layer="Mamba1"),
         image_token_id=512,
     )

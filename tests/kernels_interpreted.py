@@ -131,15 +131,25 @@ def main():
         for on in (False, True):
             use["on"] = on
             if states == "mamba2":
-                conv, ssm = torch.zeros(3, mixer.conv_dim, 4), torch.zeros(3, mixer.nheads, mixer.headdim, mixer.d_state)
+                conv, ssm = (
+                    torch.zeros(3, mixer.conv_dim, 4),
+                    torch.zeros(3, mixer.nheads, mixer.headdim, mixer.d_state),
+                )
             else:
                 conv, ssm = torch.zeros(3, mixer.d_inner, 4), torch.zeros(3, mixer.d_inner, mixer.d_state)
-            out = [mixer(u[:, :15], mask, conv_state=conv, ssm_state=ssm), mixer(u[:, 15:19], conv_state=conv, ssm_state=ssm)]
+            out = [
+                mixer(u[:, :15], mask, conv_state=conv, ssm_state=ssm),
+                mixer(u[:, 15:19], conv_state=conv, ssm_state=ssm),
+            ]
             out += [mixer(u[:, t : t + 1], conv_state=conv, ssm_state=ssm) for t in range(19, 24)]
             runs.append((torch.cat(out, 1), conv, ssm))
         (o_t, c_t, s_t), (o_k, c_k, s_k) = runs
         tokens = torch.cat([mask, torch.ones(3, 9, dtype=torch.long)], 1).bool()
-        results[name] = {"out": diff(o_k[tokens], o_t[tokens]), "conv_state": diff(c_k, c_t), "ssm_state": diff(s_k, s_t)}
+        results[name] = {
+            "out": diff(o_k[tokens], o_t[tokens]),
+            "conv_state": diff(c_k, c_t),
+            "ssm_state": diff(s_k, s_t),
+        }
     for scan in ("bidirectional", "cross"):
         mixer = spread(m2.Mamba2Mixer(32, d_state=16, headdim=8, chunk_size=8, scan=scan), gen)
         u = randn(2, 12, 32)

@@ -47,7 +47,10 @@ def sources(tiny, tmp_path_factory):
     parts = ckpt["model"]
     # spot-check that the layout is the released one
     assert "backbone.layers.0.mixer.in_proj.weight" in parts["llm_backbone"]
-    assert "layers.1.mixer.conv1d_b.weight" in parts["bidirectional_mamba"] and "norm_f.bias" in parts["bidirectional_mamba"]
+    assert (
+        "layers.1.mixer.conv1d_b.weight" in parts["bidirectional_mamba"]
+        and "norm_f.bias" in parts["bidirectional_mamba"]
+    )
     assert set(parts["mlp"]) == {"0.weight", "0.bias"} and "projector.4.bias" in parts["projector"]
     torch.save(ckpt, root / "latest-checkpoint.pt")
     dino, siglip = model.model.vision_tower.encoders
@@ -58,11 +61,23 @@ def sources(tiny, tmp_path_factory):
 
 
 def _convert(sources, out, *extra):
-    convert_main([
-        "--checkpoint", str(sources / "latest-checkpoint.pt"), "--vision", str(sources / "dino"),
-        "--vision", str(sources / "siglip"), "--tokenizer", str(sources / "tokenizer"), "--image-size", "42",
-        "--output", str(out), *extra,
-    ])
+    convert_main(
+        [
+            "--checkpoint",
+            str(sources / "latest-checkpoint.pt"),
+            "--vision",
+            str(sources / "dino"),
+            "--vision",
+            str(sources / "siglip"),
+            "--tokenizer",
+            str(sources / "tokenizer"),
+            "--image-size",
+            "42",
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +105,22 @@ def test_converted_language_model_equals_transformers_mamba2_on_the_release_tens
     llm = torch.load(sources / "latest-checkpoint.pt", weights_only=True)["model"]["llm_backbone"]
     n_heads, head_dim = llm["backbone.layers.0.mixer.A_log"].shape[0], 16
     vocab, d = llm["backbone.embedding.weight"].shape
-    reference = Mamba2ForCausalLM(Mamba2Config(
-        num_heads=n_heads, head_dim=head_dim, vocab_size=vocab, hidden_size=d, state_size=16, num_hidden_layers=2,
-        n_groups=1, expand=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=True, layer_norm_epsilon=1e-5,
-    )).eval()
+    reference = Mamba2ForCausalLM(
+        Mamba2Config(
+            num_heads=n_heads,
+            head_dim=head_dim,
+            vocab_size=vocab,
+            hidden_size=d,
+            state_size=16,
+            num_hidden_layers=2,
+            n_groups=1,
+            expand=2,
+            conv_kernel=4,
+            chunk_size=16,
+            tie_word_embeddings=True,
+            layer_norm_epsilon=1e-5,
+        )
+    ).eval()
     reference.load_state_dict(llm)  # the released names; transformers renames embedding -> embeddings itself
     ours = MLMambaForConditionalGeneration.from_pretrained(converted).eval()
     ids = torch.randint(0, 500, (2, 30), generator=torch.Generator().manual_seed(0))
@@ -106,8 +133,13 @@ def test_dinov2_position_table_is_resized_like_transformers_interpolates(tmp_pat
     features transformers' own model computes when it interpolates the table at run time."""
     torch.manual_seed(0)
     config = Dinov2WithRegistersConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
-        image_size=70, num_register_tokens=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=70,
+        num_register_tokens=4,
     )
     original = Dinov2WithRegistersModel(config).eval()
     with torch.no_grad():
@@ -118,7 +150,9 @@ def test_dinov2_position_table_is_resized_like_transformers_interpolates(tmp_pat
     converted = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vision_config)).eval()
     converted.load_state_dict(state)
     pixels = torch.randn(2, 3, 42, 42)
-    torch.testing.assert_close(converted(pixels).last_hidden_state, original(pixels).last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        converted(pixels).last_hidden_state, original(pixels).last_hidden_state, atol=1e-5, rtol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------- strictness
@@ -136,8 +170,12 @@ def _tamper(sources, tmp_path, edit):
 
 
 def test_left_over_tensors_stop_the_conversion(sources, tmp_path):
-    src = _tamper(sources, tmp_path, lambda m: m["bidirectional_mamba"].__setitem__("layers.0.extra.weight", torch.zeros(3)))
-    with pytest.raises(CheckpointError, match=r"bidirectional_mamba: 1 tensor\(s\) were not used:\n  layers.0.extra.weight \(3,\)"):
+    src = _tamper(
+        sources, tmp_path, lambda m: m["bidirectional_mamba"].__setitem__("layers.0.extra.weight", torch.zeros(3))
+    )
+    with pytest.raises(
+        CheckpointError, match=r"bidirectional_mamba: 1 tensor\(s\) were not used:\n  layers.0.extra.weight \(3,\)"
+    ):
         _convert(src, tmp_path / "out")
 
 
@@ -148,7 +186,9 @@ def test_missing_tensors_stop_the_conversion(sources, tmp_path):
 
 
 def test_mis_shaped_tensors_stop_the_conversion(sources, tmp_path):
-    src = _tamper(sources, tmp_path, lambda m: m["llm_backbone"].__setitem__("backbone.layers.1.mixer.D", torch.zeros(7)))
+    src = _tamper(
+        sources, tmp_path, lambda m: m["llm_backbone"].__setitem__("backbone.layers.1.mixer.D", torch.zeros(7))
+    )
     with pytest.raises(CheckpointError, match=r"'backbone.layers.1.mixer.D' has shape \(7,\), expected \(8,\)"):
         _convert(src, tmp_path / "out")
 
@@ -187,8 +227,17 @@ def test_dtype_is_kept_or_cast_on_request(sources, tmp_path):
 def _hf_mamba2(vocab=528, d=64, layers=2):
     torch.manual_seed(1)
     config = Mamba2Config(
-        num_heads=8, head_dim=16, vocab_size=vocab, hidden_size=d, state_size=16, num_hidden_layers=layers, n_groups=1,
-        expand=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=True,
+        num_heads=8,
+        head_dim=16,
+        vocab_size=vocab,
+        hidden_size=d,
+        state_size=16,
+        num_hidden_layers=layers,
+        n_groups=1,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=16,
+        tie_word_embeddings=True,
     )
     model = Mamba2ForCausalLM(config).eval()
     with torch.no_grad():
@@ -207,14 +256,34 @@ def test_text_model_becomes_the_language_model(sources, tmp_path, layout):
         folder.mkdir()
         sd = {k.replace("embeddings.", "embedding."): v for k, v in reference.state_dict().items()}
         torch.save(sd, folder / "pytorch_model.bin")
-        (folder / "config.json").write_text(json.dumps({
-            "d_model": 64, "n_layer": 2, "vocab_size": 528, "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16},
-            "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
-            "tie_embeddings": True,
-        }))
+        (folder / "config.json").write_text(
+            json.dumps(
+                {
+                    "d_model": 64,
+                    "n_layer": 2,
+                    "vocab_size": 528,
+                    "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16},
+                    "rms_norm": True,
+                    "residual_in_fp32": True,
+                    "fused_add_norm": True,
+                    "pad_vocab_size_multiple": 8,
+                    "tie_embeddings": True,
+                }
+            )
+        )
     out = tmp_path / "out"
-    convert_main(["--text-model", str(folder), "--preset", "mlmamba-tiny", "--tokenizer", str(sources / "tokenizer"),
-                  "--output", str(out)])
+    convert_main(
+        [
+            "--text-model",
+            str(folder),
+            "--preset",
+            "mlmamba-tiny",
+            "--tokenizer",
+            str(sources / "tokenizer"),
+            "--output",
+            str(out),
+        ]
+    )
     ours = MLMambaForConditionalGeneration.from_pretrained(out).eval()
     ids = torch.randint(0, 500, (2, 25), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -228,13 +297,23 @@ def test_text_model_becomes_the_language_model(sources, tmp_path, layout):
 def test_model_card_metadata_and_snippet_runs_offline(converted):
     card = (converted / "README.md").read_text()
     header = card.split("---")[1]
-    for line in ("license: mit", "library_name: transformers", "pipeline_tag: image-text-to-text", "huangwenjun1994/ML-Mamba"):
+    for line in (
+        "license: mit",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "huangwenjun1994/ML-Mamba",
+    ):
         assert line in header, line
     assert "arxiv.org/abs/2407.19832" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     snippet = re.sub(r'MODEL = ".*?"', f"MODEL = {str(converted)!r}", snippet)
-    run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    run = subprocess.run(
+        [sys.executable, "-c", snippet],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
 
 
@@ -244,10 +323,21 @@ def test_full_siglip_checkpoint_gives_its_vision_tower_and_reports_the_rest(tmp_
     from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
 
     torch.manual_seed(0)
-    full = SiglipModel(SiglipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=42, patch_size=14),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100),
-    )).eval()
+    full = SiglipModel(
+        SiglipConfig(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=42,
+                patch_size=14,
+            ),
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100
+            ),
+        )
+    ).eval()
     full.save_pretrained(tmp_path / "siglip")
     vision_config, state, dropped, _ = load_vision_encoder(str(tmp_path / "siglip"), image_size=42)
     assert dropped and all(k.startswith(("text_model.", "logit_", "vision_model.head.")) for k in dropped)

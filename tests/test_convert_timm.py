@@ -58,7 +58,9 @@ def _save_timm_folder(model, folder, kind):
     from timm.models import save_for_hf
 
     arch, args = TINY[kind]
-    save_for_hf(model, folder, model_args={k: v for k, v in args.items() if k != "num_classes"}, safe_serialization=True)
+    save_for_hf(
+        model, folder, model_args={k: v for k, v in args.items() if k != "num_classes"}, safe_serialization=True
+    )
     assert json.loads((folder / "config.json").read_text())["architecture"] == arch
     return folder
 
@@ -86,10 +88,18 @@ def test_timm_encoder_gives_timms_second_to_last_block_features(kind, tmp_path):
     pixels = torch.randn(2, 3, 42, 42)
     expected = _timm_features(reference, pixels)
     assert expected.shape == (2, 9, released.embed_dim) and expected.abs().mean() > 0.1
-    torch.testing.assert_close(_features(_transformers_encoder(config, state), pixels, 9), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _features(_transformers_encoder(config, state), pixels, 9), expected, atol=1e-5, rtol=1e-5
+    )
     assert config["image_size"] == 42 and config["num_attention_heads"] == 2
-    assert dropped == {"dino": [], "siglip": sorted(k for k in released.state_dict() if k.startswith("attn_pool.")),
-                       "clip": ["head.bias", "head.weight"]}[kind]
+    assert (
+        dropped
+        == {
+            "dino": [],
+            "siglip": sorted(k for k in released.state_dict() if k.startswith("attn_pool.")),
+            "clip": ["head.bias", "head.weight"],
+        }[kind]
+    )
     assert config["hidden_act"] == {"dino": "gelu", "siglip": "gelu", "clip": "quick_gelu"}[kind]  # what timm ran
 
 
@@ -100,17 +110,25 @@ def test_dinov2_own_release_layout_converts_like_timm_reads_it(tmp_path):
     timm_state = _timm_model("dino", img_size=70).state_dict()
     original = {k: v for k, v in timm_state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
     original.update(
-        cls_token=torch.randn(1, 1, 32, generator=g), pos_embed=torch.randn(1, 1 + 25, 32, generator=g),
-        register_tokens=torch.randn(1, 4, 32, generator=g), mask_token=torch.randn(1, 32, generator=g),
+        cls_token=torch.randn(1, 1, 32, generator=g),
+        pos_embed=torch.randn(1, 1 + 25, 32, generator=g),
+        register_tokens=torch.randn(1, 4, 32, generator=g),
+        mask_token=torch.randn(1, 32, generator=g),
     )
     torch.save(original, tmp_path / "dinov2_reg4_pretrain.pth")
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_large_patch14_reg4_dinov2", "model_args": {"num_heads": 2}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architecture": "vit_large_patch14_reg4_dinov2", "model_args": {"num_heads": 2}})
+    )
     config, state, dropped, notes = load_vision_encoder(str(tmp_path), image_size=42)
     assert torch.equal(state["embeddings.mask_token"], original["mask_token"]) and not dropped
     reference = _as_loaded_by_the_original("dino", original, img_size=42)  # timm's _convert_dinov2 + resize
     pixels = torch.randn(2, 3, 42, 42)
-    torch.testing.assert_close(_features(_transformers_encoder(config, state), pixels, 9), _timm_features(reference, pixels),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _features(_transformers_encoder(config, state), pixels, 9),
+        _timm_features(reference, pixels),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @torch.no_grad()
@@ -120,15 +138,27 @@ def test_open_clip_siglip_file_gives_its_timm_trunk_and_reports_the_rest():
     siglip = _timm_model("siglip", img_size=42)
     g = torch.Generator().manual_seed(5)
     open_clip = {"visual.trunk." + k: v for k, v in siglip.state_dict().items()}
-    open_clip.update({"text.token_embedding.weight": torch.randn(100, 48, generator=g), "text.positional_embedding": torch.randn(16, 48, generator=g),
-                      "logit_scale": torch.ones([]), "logit_bias": torch.zeros([])})
-    config, state, dropped, notes = timm_vision_state(open_clip, image_size=42, arch="vit_so400m_patch14_siglip_384", model_args={"num_heads": 2})
+    open_clip.update(
+        {
+            "text.token_embedding.weight": torch.randn(100, 48, generator=g),
+            "text.positional_embedding": torch.randn(16, 48, generator=g),
+            "logit_scale": torch.ones([]),
+            "logit_bias": torch.zeros([]),
+        }
+    )
+    config, state, dropped, notes = timm_vision_state(
+        open_clip, image_size=42, arch="vit_so400m_patch14_siglip_384", model_args={"num_heads": 2}
+    )
     assert dropped[:4] == ["logit_bias", "logit_scale", "text.positional_embedding", "text.token_embedding.weight"]
     assert all(k.startswith("attn_pool.") for k in dropped[4:]) and len(dropped) > 4
     reference = _as_loaded_by_the_original("siglip", open_clip, img_size=42)  # timm strips visual.trunk. itself
     pixels = torch.randn(2, 3, 42, 42)
-    torch.testing.assert_close(_features(_transformers_encoder(config, state), pixels, 9), _timm_features(reference, pixels),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _features(_transformers_encoder(config, state), pixels, 9),
+        _timm_features(reference, pixels),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_position_table_resize_37_to_27_equals_timms():
@@ -145,11 +175,16 @@ def test_position_table_resize_37_to_27_equals_timms():
 
 def test_released_sizes_are_recognised_from_a_bare_state_dict():
     """A bare timm file has no config: the released encoders are recognised by their sizes (on the meta device)."""
-    for arch, heads, width, grid in (("vit_large_patch14_reg4_dinov2", 16, 1024, 37), ("vit_so400m_patch14_siglip_384", 16, 1152, 27),
-                                     ("vit_large_patch14_clip_336", 16, 1024, 24)):
+    for arch, heads, width, grid in (
+        ("vit_large_patch14_reg4_dinov2", 16, 1024, 37),
+        ("vit_so400m_patch14_siglip_384", 16, 1152, 27),
+        ("vit_large_patch14_clip_336", 16, 1024, 24),
+    ):
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False, num_classes=0)
-        config, state, dropped, notes = timm_vision_state(model.state_dict(), image_size=378 if "dino" in arch else grid * 14)
+        config, state, dropped, notes = timm_vision_state(
+            model.state_dict(), image_size=378 if "dino" in arch else grid * 14
+        )
         assert config["num_attention_heads"] == heads and config["hidden_size"] == width, arch
         assert arch in notes[0]
         if "dino" in arch:
@@ -191,15 +226,31 @@ def test_release_converts_with_timm_encoders(tmp_path):
     _save_timm_folder(dino, tmp_path / "dino", "dino")
     _save_timm_folder(siglip, tmp_path / "siglip", "siglip")
     out = tmp_path / "out"
-    convert_main(["--checkpoint", str(tmp_path / "latest-checkpoint.pt"), "--vision", str(tmp_path / "dino"),
-                  "--vision", str(tmp_path / "siglip"), "--tokenizer", str(tmp_path / "tokenizer"), "--image-size", "42",
-                  "--output", str(out)])
+    convert_main(
+        [
+            "--checkpoint",
+            str(tmp_path / "latest-checkpoint.pt"),
+            "--vision",
+            str(tmp_path / "dino"),
+            "--vision",
+            str(tmp_path / "siglip"),
+            "--tokenizer",
+            str(tmp_path / "tokenizer"),
+            "--image-size",
+            "42",
+            "--output",
+            str(out),
+        ]
+    )
     converted = MLMambaForConditionalGeneration.from_pretrained(out).eval()
     pixels = chat_inputs(processor, "Which digit is this?", make_image(4))["pixel_values"]
-    expected = torch.cat([
-        _timm_features(_as_loaded_by_the_original("dino", dino.state_dict(), 42), pixels[:, :3]),
-        _timm_features(_as_loaded_by_the_original("siglip", siglip.state_dict(), 42), pixels[:, 3:]),
-    ], dim=-1)
+    expected = torch.cat(
+        [
+            _timm_features(_as_loaded_by_the_original("dino", dino.state_dict(), 42), pixels[:, :3]),
+            _timm_features(_as_loaded_by_the_original("siglip", siglip.state_dict(), 42), pixels[:, 3:]),
+        ],
+        dim=-1,
+    )
     torch.testing.assert_close(converted.model.vision_tower(pixels), expected, atol=1e-5, rtol=1e-5)
     card = (out / "README.md").read_text()
     assert "attn_pool" in card and "vit_so400m_patch14_siglip_384" in card

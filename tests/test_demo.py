@@ -47,7 +47,9 @@ def test_demo_trains_saves_reloads_and_answers(demo, tmp_path, capsys):
 def test_demo_chats_with_a_given_model(demo, tiny_folder, tmp_path, capsys):
     image = tmp_path / "picture.png"
     make_image(0).save(image)
-    demo.main(["--model", str(tiny_folder), "--image", str(image), "--question", "What is this?", "--max-new-tokens", "4"])
+    demo.main(
+        ["--model", str(tiny_folder), "--image", str(image), "--question", "What is this?", "--max-new-tokens", "4"]
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("Q: What is this?\nA: ")
     assert "fine-tuning" not in printed

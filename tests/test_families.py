@@ -96,8 +96,16 @@ def test_sft_steps_train_the_connector_and_language_model_not_the_vision_tower(n
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = digits_dataset("train", image_size=model.config.vision_config.image_size, limit=8)
     config = sft_config(
-        str(tmp_path / name), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, warmup_steps=0,
-        use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False, logging_steps=1,
+        str(tmp_path / name),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+        logging_steps=1,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=processor)
     result = trainer.train()
@@ -158,8 +166,12 @@ def test_letterbox_pixels_equal_transformers_llava_padding():
     processor = build_processor(config, random_model("vlmamba-tiny", seed=0)[1].tokenizer)
     assert processor.image_processor.resize_strategy == "letterbox"
     llava = getattr(transformers, "LlavaImageProcessorPil", transformers.LlavaImageProcessor)(
-        do_pad=True, size={"height": 56, "width": 56}, do_center_crop=False, resample=3,
-        image_mean=config.vision_config.image_mean[0], image_std=config.vision_config.image_std[0],
+        do_pad=True,
+        size={"height": 56, "width": 56},
+        do_center_crop=False,
+        resample=3,
+        image_mean=config.vision_config.image_mean[0],
+        image_std=config.vision_config.image_std[0],
     )
     for size in [(30, 56), (70, 20), (40, 40)]:  # wide, tall, square
         image = make_image(3, size=size)

@@ -3,7 +3,6 @@
 Every test runs for each model family (`family` in conftest): ML-Mamba (Mamba-2 + MSC), Cobra (Mamba-1 +
 MLP projector) and VL-Mamba (Mamba-1 + VSS with the cross scan)."""
 
-import pytest
 import torch
 from conftest import chat_inputs, make_image
 
@@ -72,7 +71,9 @@ def test_the_state_cache_is_constant_in_sequence_length(family):
     short, long = caches
     assert long.seqlen_offset > 3 * short.seqlen_offset
     assert short.nbytes() == long.nbytes() > 0
-    assert [s.shape for s in short.conv_states + short.ssm_states] == [s.shape for s in long.conv_states + long.ssm_states]
+    assert [s.shape for s in short.conv_states + short.ssm_states] == [
+        s.shape for s in long.conv_states + long.ssm_states
+    ]
 
 
 @torch.no_grad()
@@ -123,7 +124,9 @@ def test_prefix_reuse_equals_full_recomputation(family, monkeypatch):
 @torch.no_grad()
 def test_right_padded_prefill_leaves_each_rows_state_as_alone(family):
     model, processor = family
-    processor_right = type(processor)(processor.image_processor, processor.tokenizer, chat_template=processor.chat_template)
+    processor_right = type(processor)(
+        processor.image_processor, processor.tokenizer, chat_template=processor.chat_template
+    )
     texts = ["<image>Which digit is this?", "<image>What?"]
     images = [make_image(8), make_image(9)]
     old_side = processor.tokenizer.padding_side
@@ -164,7 +167,9 @@ def test_chunked_prefill_equals_one_pass(family, monkeypatch):
     lm = model.model.language_model
     passes = []
     original = lm._forward_layers
-    monkeypatch.setattr(lm, "_forward_layers", lambda embeds, *a: passes.append(embeds.shape[1]) or original(embeds, *a))
+    monkeypatch.setattr(
+        lm, "_forward_layers", lambda embeds, *a: passes.append(embeds.shape[1]) or original(embeds, *a)
+    )
     pieces = model(**batch, use_cache=True, output_hidden_states=True)
     assert passes == [piece] * (length // piece) + ([length % piece] if length % piece else [])
 
@@ -177,7 +182,9 @@ def test_chunked_prefill_equals_one_pass(family, monkeypatch):
     for a, b in zip(pieces.hidden_states, whole.hidden_states):
         close(a[tokens_only], b[tokens_only])
     assert pieces.cache.seqlen_offset == whole.cache.seqlen_offset == length
-    for a, b in zip(pieces.cache.conv_states + pieces.cache.ssm_states, whole.cache.conv_states + whole.cache.ssm_states):
+    for a, b in zip(
+        pieces.cache.conv_states + pieces.cache.ssm_states, whole.cache.conv_states + whole.cache.ssm_states
+    ):
         close(a, b)
     torch.testing.assert_close(model.generate(**batch, **GREEDY), tokens)
 
@@ -242,7 +249,11 @@ def test_decode_graph_path_equals_the_plain_path(family):
         model.enable_decode_graphs()
         original = model._decode_logits
         model._decode_logits = lambda ids, cache: calls.append(ids.shape) or original(ids, cache)
-        graphed = [model.generate(**inputs, **GREEDY), model.generate(**inputs, **beams), model.generate(**batch, **GREEDY)]
+        graphed = [
+            model.generate(**inputs, **GREEDY),
+            model.generate(**inputs, **beams),
+            model.generate(**batch, **GREEDY),
+        ]
     finally:
         model.enable_decode_graphs(False)
         del model._decode_logits

@@ -37,7 +37,12 @@ def _run(model, inputs, monkeypatch, kernels: bool):
     with torch.no_grad():
         prefill = model(**inputs).logits
         out = model.generate(
-            **inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True
+            **inputs,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     return prefill, out.sequences, torch.stack(out.logits, dim=1)
 
@@ -68,7 +73,9 @@ def test_decode_graphs_equal_the_plain_path(cuda_family):
     """Decoding steps replayed from a CUDA graph give the eager steps' logits and tokens (greedy and beams)."""
     model, processor = cuda_family
     inputs = {k: v.cuda() for k, v in chat_inputs(processor, "Which digit is this?", make_image(22)).items()}
-    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=12, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True
+    )
     beams = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
     with torch.no_grad():
         plain, plain_beams = model.generate(**inputs, **kwargs), model.generate(**inputs, **beams)

@@ -20,7 +20,9 @@ PYTHON = os.environ.get("MLMAMBA_KERNELS_PYTHON")
 if PYTHON:
     PYTHON = os.path.abspath(PYTHON)
 
-pytestmark = pytest.mark.skipif(not PYTHON, reason="MLMAMBA_KERNELS_PYTHON names no environment with triton and mamba_ssm")
+pytestmark = pytest.mark.skipif(
+    not PYTHON, reason="MLMAMBA_KERNELS_PYTHON names no environment with triton and mamba_ssm"
+)
 
 
 def test_triton_kernels_equal_the_torch_path():
@@ -31,12 +33,20 @@ def test_triton_kernels_equal_the_torch_path():
     assert results.pop("loaded") == {"ssd_chunk_scan": True, "ssd_step": True, "selective_step": True}
     results.pop("plain_import_works")  # False for mamba_ssm 2.3.2.post1 without its CUDA build
     expected = {
-        "chunk_scan", "chunk_scan_groups_odd_length", "ssd_state_update", "ssd_state_update_dt_limit",
+        "chunk_scan",
+        "chunk_scan_groups_odd_length",
+        "ssd_state_update",
+        "ssd_state_update_dt_limit",
         "selective_state_update",
-        "mamba2_mixer", "mamba1_mixer", "mamba2_mixer_bidirectional", "mamba2_mixer_cross",
+        "mamba2_mixer",
+        "mamba1_mixer",
+        "mamba2_mixer_bidirectional",
+        "mamba2_mixer_cross",
     }
     assert set(results) == expected
     for check, tensors in results.items():
         for tensor, r in tensors.items():
             assert r["scale"] > 0.5, f"{check}.{tensor}: nothing to compare"
-            assert r["diff"] <= 1e-5 * r["scale"], f"{check}.{tensor}: kernels differ by {r['diff']:.3g} (scale {r['scale']:.3g})"
+            assert r["diff"] <= 1e-5 * r["scale"], (
+                f"{check}.{tensor}: kernels differ by {r['diff']:.3g} (scale {r['scale']:.3g})"
+            )

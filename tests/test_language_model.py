@@ -26,7 +26,9 @@ def _reference_config(model):
         tie_word_embeddings=True,
     )
     if t.ssm_layer == "Mamba1":
-        return MambaForCausalLM, MambaConfig(time_step_rank=model.model.language_model.layers[0].mixer.dt_rank, **shared)
+        return MambaForCausalLM, MambaConfig(
+            time_step_rank=model.model.language_model.layers[0].mixer.dt_rank, **shared
+        )
     d_inner = t.expand * t.d_model
     config = Mamba2Config(
         num_heads=d_inner // t.headdim, head_dim=t.headdim, n_groups=t.ngroups, chunk_size=t.chunk_size, **shared

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import chat_inputs, make_image
 import transformers
+from conftest import chat_inputs, make_image
+
+from mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
+from mlmamba.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, get_preset
 
 # The original transform resizes PIL images (torchvision's Resize on a PIL image calls PIL), so the
 # reference is transformers' PIL image processors: named *Pil in transformers 5, the default in 4.x.
 CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 SiglipImageProcessor = getattr(transformers, "SiglipImageProcessorPil", transformers.SiglipImageProcessor)
-
-from mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
-from mlmamba.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, get_preset
 
 
 def test_image_tokens_follow_the_vision_geometry(tiny):
@@ -31,10 +31,15 @@ def test_processor_pixels_equal_transformers_image_processors(tiny):
     ours = processor.image_processor(image)["pixel_values"]
     assert ours.shape == (1, 6, 42, 42)
     dino = CLIPImageProcessor(
-        size={"height": 42, "width": 42}, do_center_crop=False, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        size={"height": 42, "width": 42},
+        do_center_crop=False,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
         resample=3,
     )(image, return_tensors="pt")["pixel_values"]
-    siglip = SiglipImageProcessor(size={"height": 42, "width": 42}, resample=3)(image, return_tensors="pt")["pixel_values"]
+    siglip = SiglipImageProcessor(size={"height": 42, "width": 42}, resample=3)(image, return_tensors="pt")[
+        "pixel_values"
+    ]
     torch.testing.assert_close(ours[:, :3], dino, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[:, 3:], siglip, atol=1e-5, rtol=1e-5)
 
@@ -120,7 +125,12 @@ def test_gradients_reach_connector_and_lm_but_not_frozen_vision(tiny):
     inputs = chat_inputs(processor, "Which digit is this?", make_image(6), answer="seven")
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    for prefix in ("model.connector.mlp.", "model.connector.msc.", "model.connector.projector.", "model.language_model."):
+    for prefix in (
+        "model.connector.mlp.",
+        "model.connector.msc.",
+        "model.connector.projector.",
+        "model.language_model.",
+    ):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix)), prefix
     # every MSC mixer parameter of both directions is trained
     for n, g in grads.items():
@@ -206,7 +216,11 @@ def test_wrong_pixel_values_and_image_types(tiny):
 
 def test_unknown_config_values_are_refused():
     base = PRESETS["mlmamba-tiny"]()
-    with pytest.raises(ValueError, match=r"connector_type='transformer' is not supported; use one of \['msc', 'mlp', 'mlp2x', 'vss-mlp', 'vss-l2'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"connector_type='transformer' is not supported; "
+        r"use one of \['msc', 'mlp', 'mlp2x', 'vss-mlp', 'vss-l2'\]",
+    ):
         MLMambaConfig(**{**base, "connector_config": {"connector_type": "transformer"}})
     with pytest.raises(ValueError, match="scan='zigzag' is not supported"):
         MLMambaConfig(**{**base, "connector_config": {"scan": "zigzag"}})

@@ -124,7 +124,9 @@ def test_convert_command_writes_a_loadable_folder(preset, tmp_path):
     out = tmp_path / "tiny"
     run = subprocess.run(
         [sys.executable, "-m", "mlmamba.convert", "--random", "--preset", preset, "--output", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())

@@ -35,10 +35,12 @@ _LOADER = textwrap.dedent(
     from PIL import Image
     image = Image.open(sys.argv[4])
     pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Which digit is this?"}]}]
+    question = {"type": "text", "text": "Which digit is this?"}
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, question]}]
     answer = pipe(text=messages, max_new_tokens=6, do_sample=False, return_full_text=False)
     torch.save({"logits": logits, "generated": generated}, out_path)
-    print(json.dumps({"classes": [type(model).__module__, type(processor).__module__], "answer": answer[0]["generated_text"]}))
+    classes = [type(model).__module__, type(processor).__module__]
+    print(json.dumps({"classes": classes, "answer": answer[0]["generated_text"]}))
     """
 )
 
@@ -47,9 +49,19 @@ def test_folder_loads_without_the_package(family, family_folder, tmp_path):
     model, processor = family
     files = {p.name for p in family_folder.iterdir()}
     code = {
-        "configuration_mlmamba.py", "modeling_mlmamba.py", "vision_tower.py", "connectors.py", "language_model.py",
-        "cache.py", "ssm_ops.py", "kernels.py", "mamba2_mixer.py", "mamba1_mixer.py", "_compat.py",
-        "processing_mlmamba.py", "image_processing_mlmamba.py",
+        "configuration_mlmamba.py",
+        "modeling_mlmamba.py",
+        "vision_tower.py",
+        "connectors.py",
+        "language_model.py",
+        "cache.py",
+        "ssm_ops.py",
+        "kernels.py",
+        "mamba2_mixer.py",
+        "mamba1_mixer.py",
+        "_compat.py",
+        "processing_mlmamba.py",
+        "image_processing_mlmamba.py",
     }
     assert {p.name for p in family_folder.glob("*.py")} == code  # every module the code imports, nothing else
     for name in ("config.json", "model.safetensors", "chat_template.jinja", "tokenizer.json", "processor_config.json"):
@@ -65,8 +77,18 @@ def test_folder_loads_without_the_package(family, family_folder, tmp_path):
     script = tmp_path / "load.py"
     script.write_text(_LOADER)
     run = subprocess.run(
-        [sys.executable, str(script), str(family_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), str(image_path)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            str(script),
+            str(family_folder),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "out.pt"),
+            str(image_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])

@@ -28,7 +28,8 @@ _SCRIPT = textwrap.dedent(
     with torch.no_grad():
         result = {
             "logits": model(**inputs).logits,
-            "same_processing": torch.equal(again["input_ids"], inputs["input_ids"]) and torch.allclose(again["pixel_values"], inputs["pixel_values"]),
+            "same_processing": torch.equal(again["input_ids"], inputs["input_ids"])
+            and torch.allclose(again["pixel_values"], inputs["pixel_values"]),
             "cached": model.generate(**inputs, max_new_tokens=8, do_sample=False),
             "uncached": model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False),
             "beams": model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False),
@@ -50,11 +51,18 @@ def test_transformers4_loads_and_generates_the_same(family, family_folder, tmp_p
     inputs = dict(chat_inputs(processor, "Which digit is this?", image))
     import numpy as np
 
-    torch.save({**inputs, "image_array": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), "prompt": prompt},
-               tmp_path / "inputs.pt")
+    torch.save(
+        {**inputs, "image_array": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), "prompt": prompt},
+        tmp_path / "inputs.pt",
+    )
     (tmp_path / "run.py").write_text(_SCRIPT)
-    run = subprocess.run([PYTHON4, str(tmp_path / "run.py"), str(family_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    run = subprocess.run(
+        [PYTHON4, str(tmp_path / "run.py"), str(family_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["transformers"].startswith("4.")
     out = torch.load(tmp_path / "out.pt", weights_only=True)
