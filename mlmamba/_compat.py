@@ -38,6 +38,14 @@ def take_cache_argument(cache, kwargs: dict):
     return cache if cache is not None else old
 
 
+class CacheParamsAlias:
+    """`output.cache_params`: the name transformers' Mamba models gave the state cache before 5.24."""
+
+    @property
+    def cache_params(self):
+        return self.cache
+
+
 def tied_weights_keys(head: str, embedding: str):
     """`_tied_weights_keys`: a {head: embedding} mapping in 5.x, a list of head names in 4.x."""
     return {head: embedding} if TRANSFORMERS_5 else [head]

@@ -2,6 +2,7 @@
 
 MLMambaCache   per layer a conv state and an SSM state, constant in sequence length
 DecodeGraph    one single-token decoding step for one cache, captured once and replayed
+DecodeGraphs   the generation head's switch for them (`enable_decode_graphs`)
 """
 
 import torch
@@ -125,3 +126,40 @@ class DecodeGraph:
         self.ids.copy_(ids)
         self.graph.replay()
         return self.logits
+
+
+class DecodeGraphs:
+    """Opt-in CUDA-graph decoding for a model with `_decode_logits(ids, cache)` (the generation head).
+
+    `prepare_inputs_for_generation` asks `can_replay_decode_graph` at each decoding step; a plain step then
+    replays the graph of its cache (`decode_graph_for`), one graph at a time, for the cache in use.
+    """
+
+    use_decode_graphs = False
+    _decode_graph: DecodeGraph | None = None
+
+    def enable_decode_graphs(self, enabled: bool = True):
+        """Replay each single-token decoding step from a CUDA graph (`DecodeGraph`), captured once per cache
+        at the first decoding step of a `generate()` call. Inference only; off CUDA steps run eagerly."""
+        self.use_decode_graphs = enabled
+        self._decode_graph = None
+        return self
+
+    def can_replay_decode_graph(self, new_ids, pixel_values, attention_mask, kwargs: dict) -> bool:
+        """Whether a decoding step is plain enough for the graph: graphs enabled, inference, one new token per
+        row, and no images, padding, hidden states or packed sequences to handle."""
+        return (
+            self.use_decode_graphs
+            and not self.training
+            and not torch.is_grad_enabled()
+            and new_ids.shape[1] == 1
+            and pixel_values is None
+            and not kwargs.get("output_hidden_states")
+            and not {"seq_idx", "cu_seq_lens_q", "cu_seq_lens_k"} & set(kwargs)
+            and (attention_mask is None or bool(attention_mask[:, -1:].all()))
+        )
+
+    def decode_graph_for(self, cache: MLMambaCache) -> DecodeGraph:
+        if self._decode_graph is None or self._decode_graph.cache is not cache:
+            self._decode_graph = DecodeGraph(self, cache)
+        return self._decode_graph

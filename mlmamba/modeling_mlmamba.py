@@ -30,12 +30,13 @@ from ._compat import (
     EXTRA_AUTO_MAP,
     GENERATE_CACHE_KEY,
     OLD_CACHE_KEY,
+    CacheParamsAlias,
     init,
     init_copy,
     take_cache_argument,
     tied_weights_keys,
 )
-from .cache import DecodeGraph, MLMambaCache
+from .cache import DecodeGraph, DecodeGraphs, MLMambaCache
 from .configuration_mlmamba import MLMambaConfig
 from .connectors import MLMambaConnector
 from .kernels import get_kernels  # noqa: F401  (each helper module is imported here, see above)
@@ -53,7 +54,7 @@ from .vision_tower import MLMambaVisionTower
 
 
 @dataclass
-class MLMambaModelOutput(ModelOutput):
+class MLMambaModelOutput(CacheParamsAlias, ModelOutput):
     """
     last_hidden_state: (batch, seq, d_model) after the final norm.
     cache: the updated `MLMambaCache` when `use_cache`.
@@ -66,14 +67,9 @@ class MLMambaModelOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
-    @property
-    def cache_params(self) -> MLMambaCache | None:
-        """The name transformers' Mamba models used before 5.24; the same object as `cache`."""
-        return self.cache
-
 
 @dataclass
-class MLMambaCausalLMOutput(ModelOutput):
+class MLMambaCausalLMOutput(CacheParamsAlias, ModelOutput):
     """
     loss: mean next-token cross-entropy over labels != -100 (when `labels` are given).
     logits: (batch, seq or logits_to_keep, vocab).
@@ -84,11 +80,6 @@ class MLMambaCausalLMOutput(ModelOutput):
     cache: MLMambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
-
-    @property
-    def cache_params(self) -> MLMambaCache | None:
-        """The name transformers' Mamba models used before 5.24; the same object as `cache`."""
-        return self.cache
 
 
 class MLMambaPreTrainedModel(PreTrainedModel):
@@ -288,7 +279,7 @@ def _check_extra_kwargs(kwargs: dict) -> None:
         raise ValueError("Mamba layers compute no attention weights; output_attentions=True is not supported")
 
 
-class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
+class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, DecodeGraphs):
     """ML-Mamba with a language-modelling head: image(s) + text -> next-token logits, and `generate()`."""
 
     _tied_weights_keys = tied_weights_keys("lm_head.weight", "model.language_model.embedding.weight")
@@ -297,28 +288,13 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.d_model, config.text_config.vocab_size, bias=False)
-        self.use_decode_graphs = False  # see `enable_decode_graphs`
-        self._decode_graph: DecodeGraph | None = None
         self.post_init()
-
-    def enable_decode_graphs(self, enabled: bool = True) -> "MLMambaForConditionalGeneration":
-        """Replay each single-token decoding step from a CUDA graph (`DecodeGraph`), captured once per cache
-        at the first decoding step of a `generate()` call. Inference only; off CUDA steps run eagerly."""
-        self.use_decode_graphs = enabled
-        self._decode_graph = None
-        return self
 
     def _decode_logits(self, input_ids: torch.LongTensor, cache: MLMambaCache) -> torch.Tensor:
         """One token per row with a state cache, no checks and no data-dependent branches (capturable):
         (b, 1) ids -> (b, 1, vocab) logits; the cache's states advance in place (not its seqlen_offset)."""
         hidden, _ = self.model.language_model(self.model.language_model.embedding(input_ids), None, cache)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
-
-    def _decode_graph_for(self, cache: MLMambaCache) -> DecodeGraph:
-        """The graph of `cache`: one graph at a time, for the cache in use."""
-        if self._decode_graph is None or self._decode_graph.cache is not cache:
-            self._decode_graph = DecodeGraph(self, cache)
-        return self._decode_graph
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -458,8 +434,8 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
                 pixel_values = None  # the images were consumed at prefill
             if attention_mask is not None:
                 attention_mask = attention_mask[:, -new_ids.shape[1] :]
-            if self._is_plain_decode_step(new_ids, pixel_values, attention_mask, kwargs):
-                model_inputs["decode_graph"] = self._decode_graph_for(cache)
+            if self.can_replay_decode_graph(new_ids, pixel_values, attention_mask, kwargs):
+                model_inputs["decode_graph"] = self.decode_graph_for(cache)
         model_inputs.update(
             pixel_values=pixel_values,
             attention_mask=attention_mask,
@@ -469,20 +445,6 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         if logits_to_keep is not None:
             model_inputs["logits_to_keep"] = logits_to_keep
         return model_inputs
-
-    def _is_plain_decode_step(self, new_ids, pixel_values, attention_mask, kwargs) -> bool:
-        """Whether a decoding step can replay the decode graph: graphs enabled, inference, one new token
-        per row and no images, masks, hidden states or packing to handle."""
-        return (
-            self.use_decode_graphs
-            and not self.training
-            and not torch.is_grad_enabled()
-            and new_ids.shape[1] == 1
-            and pixel_values is None
-            and not kwargs.get("output_hidden_states")
-            and not set(kwargs) & PACKING_KWARGS - {"position_ids"}
-            and (attention_mask is None or bool(attention_mask[:, -1:].all()))
-        )
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Keep the state cache where this transformers version's generate() looks for it (beam search
