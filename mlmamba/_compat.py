@@ -51,6 +51,9 @@ def tied_weights_keys(head: str, embedding: str):
     return {head: embedding} if TRANSFORMERS_5 else [head]
 
 
+# The 4.x name of the image-text-to-text Auto class (5.x keeps it only as a deprecated alias, if at all).
+AutoModelForVision2Seq = getattr(transformers, "AutoModelForVision2Seq", None)
+
 # Auto classes a saved folder maps besides the one it was registered for: `AutoModelForVision2Seq` is
 # the 4.x name of the image-text-to-text task.
 EXTRA_AUTO_MAP = {
