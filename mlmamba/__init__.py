@@ -7,7 +7,7 @@ Importing the package registers the classes with transformers' Auto classes, and
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from ._compat import AutoModelForVision2Seq
+from ._compat import AutoModelForMultimodalLM, AutoModelForVision2Seq
 from .configuration_mlmamba import MLMambaConfig, MLMambaConnectorConfig, MLMambaTextConfig, MLMambaVisionConfig
 from .image_processing_mlmamba import MLMambaImageProcessor
 from .modeling_mlmamba import MLMambaCache, MLMambaForConditionalGeneration, MLMambaModel, MLMambaPreTrainedModel
@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 AutoConfig.register(MLMambaConfig.model_type, MLMambaConfig, exist_ok=True)
 AutoModel.register(MLMambaConfig, MLMambaModel, exist_ok=True)
 AutoModelForImageTextToText.register(MLMambaConfig, MLMambaForConditionalGeneration, exist_ok=True)
-if AutoModelForVision2Seq is not None:
-    AutoModelForVision2Seq.register(MLMambaConfig, MLMambaForConditionalGeneration, exist_ok=True)
+for auto_class in (AutoModelForVision2Seq, AutoModelForMultimodalLM):
+    if auto_class is not None:
+        auto_class.register(MLMambaConfig, MLMambaForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(MLMambaConfig, slow_image_processor_class=MLMambaImageProcessor, exist_ok=True)
 AutoProcessor.register(MLMambaConfig, MLMambaProcessor, exist_ok=True)
 

@@ -31,11 +31,14 @@ OLD_CACHE_KEY = "cache_params"
 
 
 def take_cache_argument(cache, kwargs: dict):
-    """`cache`, or `cache_params` (its name before transformers 5.24) taken out of `kwargs`."""
-    old = kwargs.pop(OLD_CACHE_KEY, None)
-    if old is not None and cache is not None and old is not cache:
-        raise ValueError("got two state caches: pass it once, as `cache` (`cache_params` is its old name)")
-    return cache if cache is not None else old
+    """`cache`, or its other names taken out of `kwargs`: `cache_params` (transformers' Mamba models before
+    5.24) and `past_key_values` (transformers' general name, deprecated for `cache` in 5.24)."""
+    for name in (OLD_CACHE_KEY, "past_key_values"):
+        old = kwargs.pop(name, None)
+        if old is not None and cache is not None and old is not cache:
+            raise ValueError(f"got two state caches: pass it once, as `cache` (`{name}` is another name for it)")
+        cache = cache if cache is not None else old
+    return cache
 
 
 class CacheParamsAlias:
@@ -59,7 +62,9 @@ AutoModelForVision2Seq = getattr(transformers, "AutoModelForVision2Seq", None)
 EXTRA_AUTO_MAP = {
     "AutoModel": "modeling_mlmamba.MLMambaModel",
     "AutoModelForVision2Seq": "modeling_mlmamba.MLMambaForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_mlmamba.MLMambaForConditionalGeneration",  # where 5.x maps LLaVA
 }
+AutoModelForMultimodalLM = getattr(transformers, "AutoModelForMultimodalLM", None)
 
 
 def unwrap_vision_model(encoder: nn.Module) -> nn.Module:
@@ -94,3 +99,64 @@ def _torch_copy(tensor, value):
 
 # `init.copy_` where transformers 5 has it (it skips weights loaded from a checkpoint); torch has none.
 init_copy = getattr(init, "copy_", _torch_copy)
+
+
+# --------------------------------------------------------------------------------------
+# The state cache's base: under transformers 5 a `Cache` of linear-attention layers (as transformers' own
+# Mamba2 keeps its states), so that cache utilities and `past_key_values=DynamicCache()` work; under 4.x a
+# plain object holding the same tensors.
+# --------------------------------------------------------------------------------------
+
+try:
+    from transformers.cache_utils import Cache as _Cache
+    from transformers.cache_utils import LinearAttentionLayer
+except ImportError:  # transformers 4.x (and 5.x before linear-attention cache layers)
+    _Cache, LinearAttentionLayer = None, None
+
+
+class StateCacheBase(_Cache if LinearAttentionLayer is not None else object):
+    layers = None  # 4.x: the states live in `_states`
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers) if self.layers is not None else len(self._states)
+
+    def layer_states(self, i: int):
+        """(conv state, SSM state) of layer `i`, the tensors the mixers update in place."""
+        if self.layers is not None:
+            return self.layers[i].conv_states[0], self.layers[i].recurrent_states[0]
+        return self._states[i]
+
+
+def init_state_layers(cache, conv_states: list, ssm_states: list, layers: list | None = None) -> None:
+    """Give `cache` one layer per (conv, SSM) state pair, holding those values (5.x: in `LinearAttentionLayer`s,
+    `layers` if given, else new ones)."""
+    if LinearAttentionLayer is None:
+        cache._states = list(zip(conv_states, ssm_states))
+        return
+    layers = layers if layers is not None else [LinearAttentionLayer() for _ in conv_states]
+    for layer, conv, ssm in zip(layers, conv_states, ssm_states):
+        layer.lazy_initialization(conv_states=conv, recurrent_states=ssm)
+        layer.conv_states[0].copy_(conv)
+        layer.recurrent_states[0].copy_(ssm)
+    _Cache.__init__(cache, layers=layers)
+
+
+def mark_consumed(cache, consumed: bool = True) -> None:
+    """Tell 5.x's cache layers whether they hold a previous state (`Cache.has_previous_state`)."""
+    if cache.layers is not None:
+        for layer in cache.layers:
+            layer.has_previous_state[0] = consumed
+
+
+def image_features_output(vision_features, image_embeddings, return_dict):
+    """What `get_image_features` returns: as LLaVA in 5.x a `BaseModelOutputWithPooling` (`pooler_output` the
+    image embeddings, `last_hidden_state` the fused vision features), a tuple with `return_dict=False`; as
+    LLaVA in 4.x, the image embeddings themselves unless `return_dict=True` asks for the output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if return_dict is None:
+        return_dict = TRANSFORMERS_5
+    if not return_dict:
+        return (vision_features, image_embeddings) if TRANSFORMERS_5 else image_embeddings
+    return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=image_embeddings)

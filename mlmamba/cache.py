@@ -7,19 +7,33 @@ DecodeGraphs   the generation head's switch for them (`enable_decode_graphs`)
 
 import torch
 
+from ._compat import LinearAttentionLayer, StateCacheBase, init_state_layers, mark_consumed
 from .configuration_mlmamba import MLMambaTextConfig
 
 
-class MLMambaCache:
+def state_shapes(config: MLMambaTextConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-row shapes of one layer's conv state and SSM state."""
+    d_inner = config.expand * config.d_model
+    if config.ssm_layer == "Mamba1":
+        return (d_inner, config.d_conv), (d_inner, config.d_state)
+    conv_dim = d_inner + 2 * config.ngroups * config.d_state
+    return (conv_dim, config.d_conv), (d_inner // config.headdim, config.headdim, config.d_state)
+
+
+class MLMambaCache(StateCacheBase):
     """Decoding state of the language model, constant in sequence length.
 
-    Per layer: `conv_states[i]` in the model dtype and `ssm_states[i]` in `ssm_state_dtype` (fp32 by default):
+    Per layer `i`, `layer_states(i)` gives a conv state in the model dtype and an SSM state in `ssm_state_dtype`
+    (fp32 by default), which the mixers update in place:
         Mamba-2: (batch, conv_dim, d_conv) and (batch, nheads, headdim, d_state)
         Mamba-1: (batch, d_inner, d_conv) and (batch, d_inner, d_state)
-    `seqlen_offset` counts the positions consumed so far.
+    Under transformers 5 this is a `transformers.Cache` of linear-attention layers (as transformers' own Mamba2
+    keeps its states), so cache utilities work on it; `past_key_values=DynamicCache()` is adopted the same way
+    (`as_state_cache`). `seqlen_offset` counts the positions consumed so far, and `token_ids` records which
+    (-1 where the prompt came as embeddings), so that a cache is only continued by ids that extend it.
     """
 
-    is_compileable = False
+    is_compileable = False  # generate() must not compile around it: decoding graphs are `DecodeGraph`'s job
 
     def __init__(
         self,
@@ -28,28 +42,32 @@ class MLMambaCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         ssm_state_dtype: torch.dtype = torch.float32,
+        layers: list | None = None,
     ):
-        d_inner = config.expand * config.d_model
-        if config.ssm_layer == "Mamba1":
-            conv_shape, ssm_shape = (d_inner, config.d_conv), (d_inner, config.d_state)
-        else:
-            conv_dim = d_inner + 2 * config.ngroups * config.d_state
-            conv_shape, ssm_shape = (
-                (conv_dim, config.d_conv),
-                (d_inner // config.headdim, config.headdim, config.d_state),
-            )
-        self.conv_states = [
-            torch.zeros(batch_size, *conv_shape, dtype=dtype, device=device) for _ in range(config.n_layer)
-        ]
-        self.ssm_states = [
+        conv_shape, ssm_shape = state_shapes(config)
+        conv = [torch.zeros(batch_size, *conv_shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        ssm = [
             torch.zeros(batch_size, *ssm_shape, dtype=ssm_state_dtype, device=device) for _ in range(config.n_layer)
         ]
+        init_state_layers(self, conv, ssm, layers)
         self.seqlen_offset = 0
+        self.token_ids: torch.LongTensor | None = None  # (batch, seqlen_offset)
         self.prompt_in_embeds = False  # prefill consumed inputs_embeds that input_ids do not repeat
 
     @property
+    def conv_states(self) -> list[torch.Tensor]:
+        return [self.layer_states(i)[0] for i in range(self.num_layers)]
+
+    @property
+    def ssm_states(self) -> list[torch.Tensor]:
+        return [self.layer_states(i)[1] for i in range(self.num_layers)]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return self.conv_states + self.ssm_states
+
+    @property
     def batch_size(self) -> int:
-        return self.conv_states[0].shape[0]
+        return self.layer_states(0)[0].shape[0]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seqlen_offset
@@ -58,12 +76,49 @@ class MLMambaCache:
     def is_linear(self) -> list[bool]:
         """Per layer, whether it keeps a fixed-size (recurrent) state: all do. generate() (transformers >= 5.24)
         then leaves slicing the prompt to `prepare_inputs_for_generation`."""
-        return [True] * len(self.conv_states)
+        return [True] * self.num_layers
+
+    def record(self, input_ids: torch.LongTensor | None, length: int) -> None:
+        """Count `length` consumed positions, with their ids (None: they came as embeddings)."""
+        if input_ids is None:
+            batch = self.batch_size
+            input_ids = torch.full((batch, length), -1, dtype=torch.long, device=self.layer_states(0)[0].device)
+        ids = input_ids.detach().long()
+        self.token_ids = ids if self.token_ids is None else torch.cat([self.token_ids, ids.to(self.token_ids)], 1)
+        self.seqlen_offset += length
+        mark_consumed(self)
+
+    def check_continued_by(self, input_ids: torch.LongTensor) -> None:
+        """Refuse ids that do not start with what the cache has consumed (a cache reused without `.copy()`, or a
+        question passed without its prefix)."""
+        seen = self.seqlen_offset
+        if input_ids.shape[1] <= seen:
+            raise ValueError(
+                f"the cache has consumed {seen} positions but input_ids hold {input_ids.shape[1]}: pass the ids the "
+                "cache has seen followed by the new ones (prefix + question). To ask again from a prefix, pass a "
+                "fresh `cache.copy()` each time: generate() advances the cache it is given."
+            )
+        if input_ids.shape[1] == seen + 1:
+            return  # a decoding step (beam search may have reordered the rows since)
+        known = self.token_ids >= 0
+        if not bool((input_ids[:, :seen].to(self.token_ids) == self.token_ids)[known].all()):
+            raise ValueError(
+                f"input_ids do not start with the {seen} tokens this cache has consumed: pass prefix + new tokens, "
+                "and reuse a prefix cache through `cache.copy()` (generate() advances the cache it is given)"
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows in place (beam search); the state tensors stay where they are (see `DecodeGraph`)."""
-        for s in self.conv_states + self.ssm_states:
+        for s in self.state_tensors():
             s.copy_(s.index_select(0, beam_idx.to(s.device)))
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.index_select(0, beam_idx.to(self.token_ids.device))
+
+    def reset(self) -> None:
+        for s in self.state_tensors():
+            s.zero_()
+        self.seqlen_offset, self.token_ids, self.prompt_in_embeds = 0, None, False
+        mark_consumed(self, False)
 
     def copy(self, repeat: int = 1) -> "MLMambaCache":
         """An independent copy, each row repeated `repeat` times (row-major, like `repeat_interleave`).
@@ -73,14 +128,59 @@ class MLMambaCache:
         only the tokens after the prefix; the vision tower and the prefix do not run again.
         """
         new = object.__new__(MLMambaCache)
-        new.conv_states = [s.repeat_interleave(repeat, dim=0) for s in self.conv_states]
-        new.ssm_states = [s.repeat_interleave(repeat, dim=0) for s in self.ssm_states]
+        init_state_layers(
+            new,
+            [s.repeat_interleave(repeat, dim=0) for s in self.conv_states],
+            [s.repeat_interleave(repeat, dim=0) for s in self.ssm_states],
+        )
         new.seqlen_offset = self.seqlen_offset
+        new.token_ids = None if self.token_ids is None else self.token_ids.repeat_interleave(repeat, dim=0)
         new.prompt_in_embeds = self.prompt_in_embeds
+        mark_consumed(new, self.seqlen_offset > 0)
         return new
 
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.conv_states + self.ssm_states)
+        return sum(s.numel() * s.element_size() for s in self.state_tensors())
+
+
+def check_cache_fits(cache: MLMambaCache, config: MLMambaTextConfig, batch_size: int) -> None:
+    """Refuse a cache made for another model (family or size) or another batch."""
+    conv_shape, ssm_shape = state_shapes(config)
+    conv, ssm = cache.layer_states(0)
+    if cache.num_layers != config.n_layer or conv.shape[1:] != conv_shape or ssm.shape[1:] != ssm_shape:
+        raise ValueError(
+            f"the cache holds {cache.num_layers} layers of states {tuple(conv.shape[1:])} and {tuple(ssm.shape[1:])}; "
+            f"this model needs {config.n_layer} layers of {conv_shape} and {ssm_shape}: it was made for another "
+            "model (family or size). Make one with model.new_cache(batch_size), or let the model make it"
+        )
+    if cache.batch_size != batch_size:
+        raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch_size}")
+
+
+def as_state_cache(cache, config: MLMambaTextConfig, batch_size: int, dtype, device) -> MLMambaCache | None:
+    """`cache` as an `MLMambaCache`: itself, or a transformers `Cache` (e.g. `DynamicCache()` or
+    `DynamicCache(config=model.config)`) adopted with its layers, which then hold this model's states."""
+    if cache is None or isinstance(cache, MLMambaCache):
+        return cache
+    if LinearAttentionLayer is None or not hasattr(cache, "layers"):
+        raise TypeError(
+            f"the state cache must be an MLMambaCache (model.new_cache(batch_size)), got {type(cache).__name__}"
+        )
+    if cache.layers and not all(isinstance(layer, LinearAttentionLayer) for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise ValueError(
+            f"this model keeps a recurrent state per layer and no attention keys and values; a cache of {kinds} "
+            "cannot hold it. Pass DynamicCache(config=model.config), an empty DynamicCache(), or no cache"
+        )
+    if any(any(layer.has_previous_state.values()) for layer in cache.layers):
+        raise ValueError("this transformers Cache already holds states of another model; pass a fresh one")
+    if len(cache.layers) not in (0, config.n_layer):
+        raise ValueError(f"the cache has {len(cache.layers)} layers; the model has {config.n_layer}")
+    layers = cache.layers if cache.layers else None
+    adopted = MLMambaCache(config, batch_size, dtype=dtype, device=device, layers=layers)
+    if layers is None:
+        cache.layers = adopted.layers  # the caller's object holds the states too
+    return adopted
 
 
 class DecodeGraph:
@@ -98,14 +198,14 @@ class DecodeGraph:
 
     def __init__(self, model, cache: MLMambaCache):
         self.model, self.cache = model, cache
-        self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.conv_states[0].device)
+        self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.layer_states(0)[0].device)
         self.graph = self.logits = None
         if self.ids.is_cuda:
             self._capture()
 
     @torch.no_grad()
     def _capture(self) -> None:
-        states = self.cache.conv_states + self.cache.ssm_states
+        states = self.cache.state_tensors()
         saved = [s.clone() for s in states]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -145,7 +245,7 @@ class DecodeGraphs:
         self._decode_graph = None
         return self
 
-    def can_replay_decode_graph(self, new_ids, pixel_values, attention_mask, kwargs: dict) -> bool:
+    def can_replay_decode_graph(self, new_ids, pixel_values, attention_mask, output_hidden_states, kwargs) -> bool:
         """Whether a decoding step is plain enough for the graph: graphs enabled, inference, one new token per
         row, and no images, padding, hidden states or packed sequences to handle."""
         return (
@@ -154,7 +254,7 @@ class DecodeGraphs:
             and not torch.is_grad_enabled()
             and new_ids.shape[1] == 1
             and pixel_values is None
-            and not kwargs.get("output_hidden_states")
+            and not output_hidden_states
             and not {"seq_idx", "cu_seq_lens_q", "cu_seq_lens_k"} & set(kwargs)
             and (attention_mask is None or bool(attention_mask[:, -1:].all()))
         )

@@ -116,6 +116,14 @@ def _check_mixer_fields(config, d_model: int) -> None:
         )
 
 
+def _check_positive(config, names) -> None:
+    """Sizes and counts must be positive integers (a layer count of -1 would build a model without layers)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
 def _one_of(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {list(allowed)}")
@@ -158,6 +166,7 @@ class MLMambaTextConfig(PretrainedConfig):
         dt_init: str = "random",
         dt_scale: float = 1.0,
         max_prefill_tokens: int | None = None,
+        use_cache: bool = True,
         **kwargs,
     ):
         self.ssm_layer = ssm_layer
@@ -167,6 +176,7 @@ class MLMambaTextConfig(PretrainedConfig):
                 "or None for the device's default"
             )
         self.max_prefill_tokens = max_prefill_tokens
+        self.use_cache = use_cache
         _set_mixer_fields(self, kwargs)
         self.dt_init = dt_init
         self.dt_scale = dt_scale
@@ -183,8 +193,18 @@ class MLMambaTextConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        _check_positive(
+            self, ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups")
+        )
+        _check_positive(self, ("chunk_size",))
         _check_mixer_fields(self, d_model)
         _one_of("dt_init", dt_init, ("random", "constant"))
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Every layer keeps a recurrent state: transformers' caches (`DynamicCache(config=...)`) then hold
+        linear-attention layers, as for transformers' Mamba2."""
+        return ["linear_attention"] * self.n_layer
 
     def mixer_kwargs(self) -> dict:
         """Keyword arguments for `Mamba2Mixer` or `Mamba1Mixer` (as `ssm_layer` says)."""
@@ -404,6 +424,19 @@ class MLMambaConfig(PretrainedConfig):
                 f"(vocab_size={self.text_config.vocab_size})"
             )
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config (it names its `model_type`) must hold all three parts: a missing one would silently
+        become the released 2.7B part and then fail to load the weights."""
+        if config_dict.get("model_type") == cls.model_type:
+            missing = [name for name in cls.sub_configs if not config_dict.get(name)]
+            if missing:
+                raise ValueError(
+                    f"this MLMamba config.json has no {' and no '.join(missing)}: it is incomplete or not an MLMamba "
+                    "config. Write folders with `python -m mlmamba.convert` or `save_pretrained`"
+                )
+        return super().from_dict(config_dict, **kwargs)
+
     @staticmethod
     def _sub_config(cls, value, name):
         if value is None:
@@ -421,7 +454,21 @@ class MLMambaConfig(PretrainedConfig):
 
     @property
     def vocab_size(self) -> int:
+        """The language model's vocabulary (`text_config.vocab_size`); setting it sets that."""
         return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self.text_config.vocab_size = value
+
+    @property
+    def use_cache(self) -> bool:
+        """Whether forward() keeps a state cache when a call does not say (`text_config.use_cache`)."""
+        return self.text_config.use_cache
+
+    @use_cache.setter
+    def use_cache(self, value: bool) -> None:
+        self.text_config.use_cache = value
 
     @property
     def hidden_size(self) -> int:

@@ -9,12 +9,16 @@ causal_lm_loss          next-token cross-entropy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import logging
 
 from .configuration_mlmamba import MLMambaTextConfig
 from .mamba1_mixer import Mamba1Mixer
 from .mamba2_mixer import Mamba2Mixer
 from .ssm_ops import RMSNorm
+
+logger = logging.get_logger(__name__)
 
 # The mixer class by `ssm_layer` (mamba_ssm's `ssm_cfg["layer"]`), for the language model and the connectors.
 MIXERS = {"Mamba2": Mamba2Mixer, "Mamba1": Mamba1Mixer}
@@ -119,8 +123,7 @@ class MLMambaLanguageModel(nn.Module):
         hidden_states, residual = inputs_embeds, None
         all_hidden = (inputs_embeds,) if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            conv_state = cache.conv_states[i] if cache is not None else None
-            ssm_state = cache.ssm_states[i] if cache is not None else None
+            conv_state, ssm_state = cache.layer_states(i) if cache is not None else (None, None)
             hidden_states, residual = layer(hidden_states, residual, attention_mask, conv_state, ssm_state)
             if output_hidden_states:
                 all_hidden += ((residual + hidden_states).to(inputs_embeds.dtype),)
@@ -194,15 +197,39 @@ def unpack_sequences(seq_idx: torch.Tensor):
     return segment, position, len(first), int(position.max()) + 1, starts
 
 
-def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=-100):
-    """Mean next-token cross-entropy (fp32) over labels != ignore_index; logits[:, t] predicts labels[:, t + 1].
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.LongTensor | None,
+    never: torch.Tensor,
+    num_items_in_batch=None,
+    shift_labels: torch.LongTensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Next-token cross-entropy through transformers' `ForCausalLMLoss` (fp32; logits[:, t] predicts
+    labels[:, t + 1], or `shift_labels[:, t]`; mean over kept labels, or their sum / `num_items_in_batch`).
 
-    With `num_items_in_batch` (Trainer's gradient accumulation) the sum is divided by it instead.
+    `never` (b, l) marks the positions no label may ask the model to predict (image tokens, padding, packed
+    sequence starts). Rows without any kept label are counted in a warning; a batch without any gives a loss
+    of 0 that still reaches every parameter's gradient, not NaN.
     """
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
-    if num_items_in_batch is not None:
-        loss = loss / num_items_in_batch
-    return loss
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+    never_next = F.pad(never, (0, 1), value=True)[:, 1:]  # the position each target sits at
+    shift_labels = shift_labels.to(logits.device).masked_fill(never_next.to(logits.device), ignore_index)
+    kept = (shift_labels != ignore_index).sum(-1)
+    if not bool(kept.all()):
+        empty = int((kept == 0).sum())
+        logger.warning(
+            f"{empty} of {len(kept)} rows carry no label to learn from (all -100 after masking images and padding, "
+            "or the answer cut away by max_length): they add nothing to the loss"
+        )
+    if int(kept.sum()) == 0:
+        return logits.float().sum() * 0.0
+    return ForCausalLMLoss(
+        logits,
+        None,
+        logits.shape[-1],
+        num_items_in_batch=num_items_in_batch,
+        ignore_index=ignore_index,
+        shift_labels=shift_labels,
+    )

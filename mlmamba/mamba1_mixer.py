@@ -44,7 +44,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import get_kernels
-from .ssm_ops import EXP_FLOOR, ScanMixer, causal_conv_silu, causal_conv_step, check_scan, inverse_softplus_dt
+from .ssm_ops import (
+    EXP_FLOOR,
+    ScanMixer,
+    causal_conv_silu,
+    causal_conv_step,
+    check_scan,
+    inverse_softplus_dt,
+    linear_weight_and_bias,
+)
 
 
 def default_chunk_size(l: int) -> int:
@@ -253,13 +261,14 @@ class Mamba1Mixer(ScanMixer):
         conv_silu = fast.causal_conv_silu if fast is not None and fast.causal_conv_silu else causal_conv_silu
         xc = conv_silu(history, conv)  # (b, l, d_inner)
         dt_low, B, C = torch.split(x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_raw = F.linear(dt_low, dt_proj.weight)  # (b, l, d_inner), bias added with the softplus
+        dt_weight, dt_bias = linear_weight_and_bias(dt_proj)
+        dt_raw = F.linear(dt_low, dt_weight)  # (b, l, d_inner), bias added with the softplus
         A = -torch.exp(A_log.float())
         if fast is not None and fast.selective_scan is not None:
-            result = fast.selective_scan(xc, dt_raw, dt_proj.bias, A, B, C, D, initial_state, mask)
+            result = fast.selective_scan(xc, dt_raw, dt_bias, A, B, C, D, initial_state, mask)
             if result is not None:
                 return result
-        dt = F.softplus(dt_raw.float() + dt_proj.bias.float())
+        dt = F.softplus(dt_raw.float() + dt_bias.float())
         if mask is not None:
             dt = dt * mask[:, :, None].to(dt.dtype)
         return selective_scan(xc, dt, A, B, C, D=D, initial_state=initial_state, chunk_size=self.chunk_size)
@@ -275,10 +284,11 @@ class Mamba1Mixer(ScanMixer):
         conv_step = fast.causal_conv_step if fast is not None and fast.causal_conv_step else causal_conv_step
         x = conv_step(conv_state, x, self.conv1d).to(u.dtype)
         dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_raw = F.linear(dt_low, self.dt_proj.weight)
+        dt_weight, dt_bias = linear_weight_and_bias(self.dt_proj)
+        dt_raw = F.linear(dt_low, dt_weight)
         A = -torch.exp(self.A_log.float())
         if fast is not None and fast.selective_step is not None:
-            y = fast.selective_step(ssm_state, x, dt_raw, self.dt_proj.bias, A, B, C, self.D)
+            y = fast.selective_step(ssm_state, x, dt_raw, dt_bias, A, B, C, self.D)
         else:
-            y = selective_step(ssm_state, x, F.softplus(dt_raw.float() + self.dt_proj.bias.float()), A, B, C, self.D)
+            y = selective_step(ssm_state, x, F.softplus(dt_raw.float() + dt_bias.float()), A, B, C, self.D)
         return self.out_proj(self._gated(y, z).to(u.dtype))[:, None]

@@ -19,6 +19,7 @@ kernels.py. Every helper module is imported here directly: transformers 4.x copi
 imports of the file `auto_map` names into a remote-code folder's module cache.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,13 @@ from ._compat import (
     GENERATE_CACHE_KEY,
     OLD_CACHE_KEY,
     CacheParamsAlias,
+    image_features_output,
     init,
     init_copy,
     take_cache_argument,
     tied_weights_keys,
 )
-from .cache import DecodeGraph, DecodeGraphs, MLMambaCache
+from .cache import DecodeGraph, DecodeGraphs, MLMambaCache, as_state_cache, check_cache_fits
 from .configuration_mlmamba import MLMambaConfig
 from .connectors import MLMambaConnector
 from .kernels import get_kernels  # noqa: F401  (each helper module is imported here, see above)
@@ -101,10 +103,14 @@ class MLMambaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        """transformers' `from_pretrained`, strict for this model's own weights: a language-model, connector or
+        head weight missing from the checkpoint, or one the model has no place for, raises (naming them) instead
+        of loading as random. Vision encoder weights may be missing (they are drawn as in a fresh encoder)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded_weights(info, ignore_mismatched=kwargs.get("ignore_mismatched_sizes", False))
         model.freeze_vision_tower_if_configured()  # loading re-creates parameters with requires_grad=True
-        return loaded
+        return (model, info) if wants_info else model
 
     def freeze_vision_tower_if_configured(self) -> None:
         """Freeze the vision encoders when `config.freeze_vision_tower` (default True), as released."""
@@ -117,6 +123,13 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         text = self.config.text_config
         std = text.initializer_range
+        towers = self.__dict__.setdefault(
+            "_vision_towers", [m for m in self.modules() if isinstance(m, MLMambaVisionTower)]
+        )
+        for tower in towers:
+            encoder_init = tower.init_weights_of(module)
+            if encoder_init is not None:
+                return encoder_init(module)
         if isinstance(module, ScanMixer):
             # after the generic Linear init of its children below (modules are initialised children first)
             module.reset_ssm_parameters(copy=init_copy)
@@ -139,6 +152,27 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             init.normal_(module.mixer.out_proj.weight, mean=0.0, std=std / text.n_layer**0.5)
 
 
+def check_loaded_weights(info: dict, ignore_mismatched: bool = False) -> None:
+    """Raise for weights of the language model, connector or head that a checkpoint lacked, or had extra."""
+    own = re.compile(r"(^|\.)(language_model|connector|lm_head)\.")
+    problems = {
+        "missing from the checkpoint": [k for k in info.get("missing_keys", []) if own.search(k)],
+        "in the checkpoint but not in the model": [k for k in info.get("unexpected_keys", []) if own.search(k)],
+    }
+    if not ignore_mismatched:
+        problems["of another shape in the checkpoint"] = [str(k) for k in info.get("mismatched_keys", [])]
+    problems = {what: keys for what, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(
+            f"{len(keys)} {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for what, keys in problems.items()
+        )
+        raise ValueError(
+            f"the checkpoint does not match the model's language model / connector weights ({listed}). "
+            "Check that config.json belongs to these weights (layer counts, sizes, connector_type)"
+        )
+
+
 class MLMambaModel(MLMambaPreTrainedModel):
     """Vision tower + connector + Mamba language model, without the LM head."""
 
@@ -159,38 +193,59 @@ class MLMambaModel(MLMambaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.embedding = value
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, 3 * n_encoders, H, W) -> (n_images, num_image_tokens, d_model)."""
-        features = self.vision_tower(pixel_values)
-        connector_dtype = next(self.connector.parameters()).dtype
-        return self.connector(features.to(connector_dtype))
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs):
+        """(n_images, 3 * n_encoders, H, W) -> image embeddings (n_images, num_image_tokens, d_model).
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
-        """(b, l) bool mask of the image tokens, checked to hold exactly one image's worth per image."""
-        mask = input_ids == self.config.image_token_id
+        As transformers 5's VLMs: a `BaseModelOutputWithPooling` whose `pooler_output` is the image embeddings
+        and `last_hidden_state` the fused vision features (a tuple with `return_dict=False`). Under 4.x, as
+        LLaVA there, the image embeddings tensor itself.
+        """
+        features = self.vision_tower(pixel_values)
+        embeddings = self.connector(features.to(self.get_input_embeddings().weight.dtype))
+        return image_features_output(features, embeddings, return_dict)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
+        """(b, l) bool mask of the image tokens, from `input_ids` or else from `inputs_embeds` (positions equal to
+        the image token's embedding), checked to hold exactly one image's worth per image."""
+        if input_ids is not None:
+            mask = input_ids == self.config.image_token_id
+        else:
+            image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            mask = (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
         n_tokens = int(mask.sum())
         n_images, per_image = image_features.shape[:2]
         if n_tokens != n_images * per_image:
             raise ValueError(
                 f"Got {n_images} image(s), which need {n_images * per_image} image tokens ({per_image} each), "
-                f"but input_ids hold {n_tokens} image tokens ({n_tokens / per_image:g} images' worth). Put one "
+                f"but the input holds {n_tokens} image tokens ({n_tokens / per_image:g} images' worth). Put one "
                 "<image> in the text per image and let MLMambaProcessor expand it."
             )
         return mask
 
-    def _check_no_image_tokens(self, input_ids: torch.LongTensor) -> None:
-        n_tokens = int((input_ids == self.config.image_token_id).sum())
+    def _check_input_ids(self, input_ids: torch.LongTensor, images_given: bool, prefill: bool) -> None:
+        vocab = self.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(
+                f"input_ids must be token ids in [0, {vocab}); got values from {int(input_ids.min())} to "
+                f"{int(input_ids.max())}. Tokenize the text with this model's processor."
+            )
+        n_tokens = int((input_ids == self.config.image_token_id).sum()) if not images_given and prefill else 0
         if n_tokens:
             raise ValueError(
                 f"input_ids hold {n_tokens} image tokens but no pixel_values were given; pass the images "
                 "(MLMambaProcessor does both), or remove the image tokens"
             )
 
+    @property
+    def default_use_cache(self) -> bool:
+        """`use_cache` when a call does not say: the config's (`from_pretrained(..., use_cache=False)` sets it)."""
+        return self.config.text_config.use_cache
+
     def _prepare_cache(self, cache, use_cache, inputs_embeds):
         """The cache this call reads and advances, or None (training with checkpointing takes none)."""
         batch_size = inputs_embeds.shape[0]
         if use_cache is None:
-            use_cache = cache is not None
+            use_cache = cache is not None or (not self.training and self.default_use_cache)
         if use_cache and self.training and self.is_gradient_checkpointing:
             use_cache = False
         if not use_cache:
@@ -199,8 +254,8 @@ class MLMambaModel(MLMambaPreTrainedModel):
             return MLMambaCache(
                 self.config.text_config, batch_size, dtype=inputs_embeds.dtype, device=inputs_embeds.device
             )
-        if cache.batch_size != batch_size:
-            raise ValueError(f"cache holds {cache.batch_size} rows but the input has {batch_size}")
+        cache = as_state_cache(cache, self.config.text_config, batch_size, inputs_embeds.dtype, inputs_embeds.device)
+        check_cache_fits(cache, self.config.text_config, batch_size)
         return cache
 
     def forward(
@@ -211,32 +266,33 @@ class MLMambaModel(MLMambaPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         cache: MLMambaCache | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
         seq_idx: torch.Tensor | None = None,
         **kwargs,
-    ) -> MLMambaModelOutput:
+    ) -> MLMambaModelOutput | tuple:
         """Arguments as in `MLMambaForConditionalGeneration.forward`; `seq_idx` (b, l) marks packed sequences
         (see `packed_sequence_index`): each runs as if alone, from a zero state."""
         cache = take_cache_argument(cache, kwargs)
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.language_model.embedding(input_ids)
+        if input_ids is not None:
+            prefill = not isinstance(cache, MLMambaCache) or cache.get_seq_length() == 0
+            self._check_input_ids(input_ids, pixel_values is not None, prefill)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("the input holds no tokens: give at least one (the prompt was empty)")
 
         # 1. Images replace their placeholder tokens.
         image_features = None
         if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError(
-                    "pixel_values need input_ids with <image> placeholder tokens to mark where the images go; "
-                    "with inputs_embeds, merge the image features (get_image_features) yourself"
-                )
-            image_features = self.get_image_features(pixel_values)
-            mask = self.get_placeholder_mask(input_ids, image_features)
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
-        elif input_ids is not None and (cache is None or cache.seqlen_offset == 0):
-            self._check_no_image_tokens(input_ids)
 
         # 2. A mask of all ones is no mask.
         if attention_mask is not None:
@@ -254,13 +310,21 @@ class MLMambaModel(MLMambaPreTrainedModel):
             inputs_embeds, attention_mask, cache, output_hidden_states=bool(output_hidden_states), seq_idx=seq_idx
         )
         if cache is not None:
-            cache.seqlen_offset += inputs_embeds.shape[1]
-        return MLMambaModelOutput(
+            cache.record(input_ids, inputs_embeds.shape[1])
+        output = MLMambaModelOutput(
             last_hidden_state=hidden_states,
             cache=cache,
-            hidden_states=all_hidden,
+            hidden_states=select_hidden_states(all_hidden, output_hidden_states),
             image_hidden_states=image_features,
         )
+        return output if return_dict else output.to_tuple()
+
+
+def select_hidden_states(all_hidden, output_hidden_states):
+    """All hidden states, or those a list of layer indices names (embeddings are index 0)."""
+    if all_hidden is None or isinstance(output_hidden_states, bool):
+        return all_hidden
+    return tuple(all_hidden[i] for i in output_hidden_states)
 
 
 # Arguments generic callers (generate, Trainer) pass that this model does not read.
@@ -268,7 +332,7 @@ UNUSED_KWARGS = {"cache_position", "token_type_ids", "output_attentions", "is_fi
 # Read for padding-free (packed) batches: `position_ids` and what TRL's padding-free collator adds
 # (see `packed_sequence_index`), and the Trainer's loss normaliser.
 PACKING_KWARGS = {"position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
-LOSS_KWARGS = {"num_items_in_batch"}
+LOSS_KWARGS = {"num_items_in_batch", "shift_labels", "ignore_index"}  # transformers' ForCausalLMLoss
 
 
 def _check_extra_kwargs(kwargs: dict) -> None:
@@ -294,7 +358,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
         """One token per row with a state cache, no checks and no data-dependent branches (capturable):
         (b, 1) ids -> (b, 1, vocab) logits; the cache's states advance in place (not its seqlen_offset)."""
         hidden, _ = self.model.language_model(self.model.language_model.embedding(input_ids), None, cache)
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        return self.lm_head(hidden.to(self.lm_head_dtype()))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -314,8 +378,20 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values):
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values, return_dict: bool | None = None, **kwargs):
+        return self.model.get_image_features(pixel_values, return_dict=return_dict, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()`; attention outputs are refused up front (the model has no attention)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+            raise ValueError("Mamba layers compute no attention weights; output_attentions=True is not supported")
+        for name in ("cache", "past_key_values", OLD_CACHE_KEY):  # a transformers Cache becomes the state cache
+            given = kwargs.get(name)
+            if given is not None and not isinstance(given, MLMambaCache):
+                inputs = kwargs.get("inputs_embeds", kwargs.get("input_ids", args[0] if args else None))
+                kwargs[name] = as_state_cache(given, self.config.text_config, inputs.shape[0], self.dtype, self.device)
+        return super().generate(*args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -334,19 +410,23 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
         labels: torch.LongTensor | None = None,
         cache: MLMambaCache | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         decode_graph: DecodeGraph | None = None,
         **kwargs,
-    ) -> MLMambaCausalLMOutput:
+    ) -> MLMambaCausalLMOutput | tuple:
         """
         Args:
             input_ids: (batch, seq) token ids, with `num_image_tokens` `<image>` ids per image.
             pixel_values: (n_images, 3 * n_encoders, H, W) from MLMambaProcessor; images fill the image
                 tokens in reading order (row by row).
             attention_mask: (batch, seq), 1 for tokens, 0 for left or right padding.
-            labels: (batch, seq); -100 is ignored. Image token positions never carry loss.
+            labels: (batch, seq); -100 is ignored. Image token positions never carry loss. The loss is transformers'
+                `ForCausalLMLoss` (its `shift_labels`, `ignore_index` and `num_items_in_batch` are accepted), and 0
+                where no label is kept (with a warning) rather than NaN.
+            output_hidden_states: True for every layer's output (embeddings first), or a list of their indices.
+            return_dict: False returns a tuple in the order of `MLMambaCausalLMOutput`, without its None fields.
             cache / use_cache: the state cache for decoding (see MLMambaCache).
             logits_to_keep: if > 0, only the logits of the last `logits_to_keep` positions are computed.
             decode_graph: set by `prepare_inputs_for_generation` for a plain decoding step when decode graphs
@@ -358,10 +438,12 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
         """
         cache = take_cache_argument(cache, kwargs)
         _check_extra_kwargs(kwargs)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if decode_graph is not None:
             logits = decode_graph.step(input_ids).clone()  # the graph's buffer is overwritten by the next step
-            cache.seqlen_offset += 1
-            return MLMambaCausalLMOutput(logits=logits, cache=cache)
+            cache.record(input_ids, 1)
+            output = MLMambaCausalLMOutput(logits=logits, cache=cache)
+            return output if return_dict else output.to_tuple()
 
         seq_idx = packed_sequence_index(
             attention_mask, kwargs.get("position_ids"), kwargs.get("seq_idx"), kwargs.get("cu_seq_lens_q")
@@ -374,30 +456,39 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             seq_idx=seq_idx,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
+        logits = self.lm_head(hidden_states.to(self.lm_head_dtype()))
 
         loss = None
-        if labels is not None:
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            # Image tokens, padding and the first token of a packed sequence are never predicted.
+            never = torch.zeros(outputs.last_hidden_state.shape[:2], dtype=torch.bool, device=logits.device)
             if input_ids is not None:
-                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+                never |= input_ids == self.config.image_token_id
             if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, -100)
-            if seq_idx is not None:  # the first token of a packed sequence is not predicted from the one before
-                labels = labels.masked_fill(unpack_sequences(seq_idx)[4], -100)
-            loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
+                never |= attention_mask == 0
+            if seq_idx is not None:
+                never |= unpack_sequences(seq_idx)[4]
+            loss = causal_lm_loss(logits, labels, never, **{k: v for k, v in kwargs.items() if k in LOSS_KWARGS})
 
-        return MLMambaCausalLMOutput(
+        output = MLMambaCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
+        return output if return_dict else output.to_tuple()
+
+    def lm_head_dtype(self) -> torch.dtype:
+        """The dtype the head computes in, from a parameter every variant keeps (a quantized Linear's `weight`
+        may be a method): the embedding's, which the head is tied to."""
+        return self.model.get_input_embeddings().weight.dtype
 
     def prepare_inputs_for_generation(
         self,
@@ -408,33 +499,45 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
         cache: MLMambaCache | None = None,
         use_cache: bool = True,
         logits_to_keep: int | None = None,
+        output_hidden_states=None,
+        is_first_iteration: bool | None = None,
         **kwargs,
     ):
         """Prefill consumes the prompt (and the images); later steps feed only the tokens the cache has
         not seen. Without a cache the whole sequence (images included) is recomputed every step."""
         cache = take_cache_argument(cache, kwargs)
-        embeds_prompt = inputs_embeds is not None and (input_ids is None or input_ids.shape[1] == 0)
-        if use_cache and cache is None:
-            cache = self.new_cache(inputs_embeds.shape[0] if embeds_prompt else input_ids.shape[0])
-        seen = cache.seqlen_offset if use_cache else 0
+        batch_size = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        if use_cache:
+            cache = as_state_cache(cache, self.config.text_config, batch_size, self.dtype, self.device)
+            cache = cache if cache is not None else self.new_cache(batch_size)
+        seen = cache.get_seq_length() if use_cache else 0
 
         if seen == 0:
-            if embeds_prompt:
+            if inputs_embeds is not None:  # generation from embeddings, with or without their ids
+                if not use_cache and is_first_iteration is False:
+                    raise ValueError("generation from inputs_embeds needs the state cache: pass use_cache=True")
                 if use_cache:
                     cache.prompt_in_embeds = True
                 model_inputs = {"inputs_embeds": inputs_embeds, "input_ids": None}
             else:
                 model_inputs = {"input_ids": input_ids}
+            if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+                raise ValueError(
+                    "generate() continues every row from its last position, and a right-padded row ends in padding: "
+                    "pad prompts on the left (processor.tokenizer.padding_side = 'left', or padding_side='left')"
+                )
         else:
-            new_ids = input_ids[:, -1:] if cache.prompt_in_embeds else input_ids[:, seen:]
-            if new_ids.shape[1] == 0:
-                raise ValueError(f"the cache has seen {seen} positions and input_ids hold no new token after them")
+            if cache.prompt_in_embeds:
+                new_ids = input_ids[:, -1:]
+            else:
+                cache.check_continued_by(input_ids)
+                new_ids = input_ids[:, seen:]
             model_inputs = {"input_ids": new_ids}
             if pixel_values is not None and not bool((new_ids == self.config.image_token_id).any()):
                 pixel_values = None  # the images were consumed at prefill
             if attention_mask is not None:
                 attention_mask = attention_mask[:, -new_ids.shape[1] :]
-            if self.can_replay_decode_graph(new_ids, pixel_values, attention_mask, kwargs):
+            if self.can_replay_decode_graph(new_ids, pixel_values, attention_mask, output_hidden_states, kwargs):
                 model_inputs["decode_graph"] = self.decode_graph_for(cache)
         model_inputs.update(
             pixel_values=pixel_values,
@@ -442,9 +545,33 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
             cache=cache,
             use_cache=use_cache,
         )
+        if output_hidden_states is not None:
+            model_inputs["output_hidden_states"] = output_hidden_states
         if logits_to_keep is not None:
             model_inputs["logits_to_keep"] = logits_to_keep
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams and several returned sequences: rows are repeated `expand_size` times, and each row's images
+        with it (`pixel_values` holds images, not rows, so a plain repeat would pair rows with wrong images)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1:
+            per_row = self._images_per_row(input_ids, model_kwargs.get("inputs_embeds"))
+            rows = torch.split(pixel_values, per_row.tolist())
+            pixel_values = torch.cat([row for row in rows for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+    def _images_per_row(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if input_ids is not None and input_ids.shape[1] > 0:
+            mask = input_ids == self.config.image_token_id
+        else:
+            image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            mask = (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
+        return mask.sum(1) // self.config.num_image_tokens
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """Keep the state cache where this transformers version's generate() looks for it (beam search

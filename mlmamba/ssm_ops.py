@@ -246,6 +246,13 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def linear_weight_and_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Linear's weight and bias as tensors, also for a dynamically quantized Linear (where they are methods)."""
+    if isinstance(linear.weight, torch.Tensor):
+        return linear.weight, linear.bias
+    return linear.weight().dequantize(), linear.bias()
+
+
 def _copy(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 

@@ -13,22 +13,37 @@ class MLMambaVisionTower(nn.Module):
 
     pixel_values: (n, 3 * n_encoders, image_size, image_size) -> (n, num_image_tokens, sum of hidden sizes)
 
-    The features are the output of one encoder layer (`feature_layer` indexes the hidden states,
-    embeddings first, as `output_hidden_states` would), read with a forward hook: transformers 4
-    and 5 return hidden states from different module levels, a hook on the layer works in both.
+    The features are the output of one encoder layer: `feature_layer` indexes the encoder's hidden states,
+    embeddings first, as LLaVA reads them. Nothing is kept on the module between calls, so concurrent calls
+    (threads serving one model) do not see each other's images.
     """
 
     def __init__(self, config: MLMambaVisionConfig):
         super().__init__()
-        encoders = [AutoModel.from_config(c) for c in config.encoder_configs()]
+        # attn_implementation reaches the vision config (a sub-config); pass it on to each encoder.
+        impl = {"attn_implementation": config._attn_implementation} if config._attn_implementation else {}
+        encoders = [AutoModel.from_config(c, **impl) for c in config.encoder_configs()]
+        # The models as built, called for the features and asked for their initialisation: under transformers 4,
+        # SigLIP's and CLIP's inner module returns hidden states only when its model calls it. Not submodules: the
+        # weights are those of `encoders`, which the models share.
+        self.__dict__["encoder_models"] = encoders
+        self.encoder_init_weights = [e._init_weights for e in encoders]
         self.encoders = nn.ModuleList([unwrap_vision_model(e) for e in encoders])
         self.feature_layer = config.feature_layer
         self.num_patches = config.num_image_tokens
         self.image_size = config.image_size
 
-    def _feature_layer(self, encoder: nn.Module) -> nn.Module:
-        layers = encoder.encoder.layers if hasattr(encoder.encoder, "layers") else encoder.encoder.layer
-        return layers[self.feature_layer % (len(layers) + 1) - 1]  # hidden_states[k] = output of layer k - 1
+    def init_weights_of(self, module: nn.Module):
+        """The initialisation a module of one of the encoders gets in its own model (its `_init_weights`), so
+        that weights missing from a checkpoint are drawn as in a fresh model; None for other modules."""
+        owners = self.__dict__.get("_owners")
+        if owners is None:  # built once: {id(module): its encoder's init}
+            owners = self.__dict__["_owners"] = {
+                id(m): init
+                for encoder, init in zip(self.encoders, self.encoder_init_weights)
+                for m in encoder.modules()
+            }
+        return owners.get(id(module))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3 * len(self.encoders), self.image_size, self.image_size)
@@ -39,18 +54,11 @@ class MLMambaVisionTower(nn.Module):
                 f"{tuple(pixel_values.shape)}. Prepare images with MLMambaProcessor."
             )
         features = []
-        for i, encoder in enumerate(self.encoders):
-            captured = []
-            hook = self._feature_layer(encoder).register_forward_hook(
-                lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
-            )
+        for i, (encoder, model) in enumerate(zip(self.encoders, self.encoder_models)):
             trainable = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
-            dtype = next(encoder.parameters()).dtype
-            try:
-                with torch.set_grad_enabled(trainable):
-                    encoder(pixel_values=pixel_values[:, 3 * i : 3 * i + 3].to(dtype))
-            finally:
-                hook.remove()
+            dtype = next(encoder.embeddings.parameters()).dtype  # no Linear there: quantization keeps it
+            with torch.set_grad_enabled(trainable):
+                out = model(pixel_values=pixel_values[:, 3 * i : 3 * i + 3].to(dtype), output_hidden_states=True)
             # Prefix tokens (CLS, registers) come first; keep the patch grid.
-            features.append(captured[-1][:, -self.num_patches :])
+            features.append(out.hidden_states[self.feature_layer][:, -self.num_patches :])
         return torch.cat(features, dim=-1)

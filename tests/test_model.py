@@ -65,7 +65,7 @@ def test_image_embeddings_replace_the_image_tokens_where_they_stand(tiny, positi
     ids = inputs["input_ids"]
     embeds = model.get_input_embeddings()(ids).clone()
     is_image = ids[0] == model.config.image_token_id
-    embeds[0, is_image] = model.get_image_features(inputs["pixel_values"])[0]
+    embeds[0, is_image] = model.get_image_features(inputs["pixel_values"]).pooler_output[0]
     expected = model(inputs_embeds=embeds).logits
     torch.testing.assert_close(model(**inputs).logits, expected)
     # The image really matters: another image gives other logits.
@@ -182,7 +182,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
 def test_image_count_not_matching_image_tokens(tiny):
     model, processor = tiny
     inputs = processor(images=[make_image(1), make_image(2)], text="<image><image>two images")
-    with pytest.raises(ValueError, match=r"1 image\(s\), which need 9 image tokens.*hold 18"):
+    with pytest.raises(ValueError, match=r"1 image\(s\), which need 9 image tokens.*holds 18"):
         model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:1])
     with pytest.raises(ValueError, match="18 image tokens but no pixel_values"):
         model(input_ids=inputs["input_ids"])
