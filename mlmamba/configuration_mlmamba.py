@@ -192,11 +192,9 @@ class MLMambaTextConfig(PretrainedConfig):
         self.dt_limit = list(dt_limit) if dt_limit is not None and tuple(dt_limit) != (0.0, float("inf")) else None
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
+        _check_positive(self, ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim"))
+        _check_positive(self, ("ngroups", "chunk_size"))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        _check_positive(
-            self, ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups")
-        )
-        _check_positive(self, ("chunk_size",))
         _check_mixer_fields(self, d_model)
         _one_of("dt_init", dt_init, ("random", "constant"))
 
