@@ -241,11 +241,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
         """`use_cache` when a call does not say: the config's (`from_pretrained(..., use_cache=False)` sets it)."""
         return self.config.text_config.use_cache
 
-    def _prepare_cache(self, cache, use_cache, inputs_embeds):
-        """The cache this call reads and advances, or None (training with checkpointing takes none)."""
+    def _prepare_cache(self, cache, use_cache, inputs_embeds, packed: bool = False):
+        """The cache this call reads and advances, or None (training with checkpointing, and packed sequences
+        unless asked for one, take none)."""
         batch_size = inputs_embeds.shape[0]
         if use_cache is None:
-            use_cache = cache is not None or (not self.training and self.default_use_cache)
+            use_cache = cache is not None or (not self.training and not packed and self.default_use_cache)
         if use_cache and self.training and self.is_gradient_checkpointing:
             use_cache = False
         if not use_cache:
@@ -305,7 +306,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
                 attention_mask = None
 
         # 3. The language model, reading and advancing the state cache.
-        cache = self._prepare_cache(cache, use_cache, inputs_embeds)
+        cache = self._prepare_cache(cache, use_cache, inputs_embeds, packed=seq_idx is not None)
         hidden_states, all_hidden = self.language_model(
             inputs_embeds, attention_mask, cache, output_hidden_states=bool(output_hidden_states), seq_idx=seq_idx
         )
