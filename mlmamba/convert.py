@@ -25,13 +25,28 @@ chat_template.jinja, the code files and a model card (README.md), and loads with
 once; local folders never do). --vision also takes timm state dict files (.safetensors, .pth, .bin) and
 timm or open_clip folders: the weights the originals loaded through timm; transformers folders and Hub
 ids such as facebook/dinov2-with-registers-large and google/siglip-so400m-patch14-384 hold the same weights.
-Conversion is strict: every source tensor is used exactly once.
+Conversion is strict: every source tensor is used exactly once. The vision encoders are identified from their
+config or weights (DINOv2 by its register tokens, SigLIP, CLIP) and must come in the order the model was
+trained with: DINOv2 first, then SigLIP (or CLIP), as released; a swapped order is refused.
+With --text-model, the tokenizer defaults to the one in the language model's folder (when it has one).
+
+Safe output: --output must be new or empty, or --overwrite must be given (the old folder is replaced, all
+its files removed, only once the new folder is complete). An output that is, contains or lies inside a
+source folder (or contains a source file) is refused, even with --overwrite. The folder is written under a
+temporary name beside it (.NAME.partial-XXXX) and renamed at the end: an interrupted conversion never
+leaves a folder that looks complete. Stages are printed to stderr, with progress bars on a terminal.
 """
 
+import inspect
+import secrets
+import shutil
+import sys
 from argparse import ArgumentParser, RawTextHelpFormatter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from . import MLMambaConfig, MLMambaForConditionalGeneration, MLMambaImageProcessor, MLMambaProcessor
 from .convert_release import (
@@ -66,6 +81,43 @@ NORMALIZATION = {
     "siglip_vision_model": (SIGLIP_MEAN, SIGLIP_STD),
     "clip_vision_model": (CLIP_MEAN, CLIP_STD),
 }
+ENCODER_NAMES = {"dinov2_with_registers": "DINOv2", "siglip_vision_model": "SigLIP", "clip_vision_model": "CLIP"}
+# Files that make a folder a tokenizer folder (the language model's own, the default of --text-model's tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class OutputError(ValueError):
+    """An output folder that would lose files: not empty (without overwrite), or a source's folder."""
+
+
+def stage(message: str) -> None:
+    """One line per stage of a conversion, on stderr (stdout keeps the one-line summary)."""
+    print(f"mlmamba-convert: {message}", file=sys.stderr, flush=True)
+
+
+def _progress_bar(total, desc: str):
+    """huggingface_hub's tqdm (HF_HUB_DISABLE_PROGRESS_BARS turns it off) on stderr, shown on a terminal only."""
+    from huggingface_hub.utils import tqdm
+
+    return tqdm(total=total, desc=desc, unit="", unit_scale=True, disable=None, file=sys.stderr, leave=False)
+
+
+@contextmanager
+def _parameters_registered(update=None):
+    """Counts (and passes to `update`) the elements of every parameter registered in any module meanwhile."""
+    counted = [0]
+
+    def hook(module, name, param):
+        if param is not None:
+            counted[0] += param.numel()
+            if update is not None:
+                update(param.numel())
+
+    handle = register_module_parameter_registration_hook(hook)
+    try:
+        yield counted
+    finally:
+        handle.remove()
 
 
 def build_processor(config, tokenizer) -> MLMambaProcessor:
@@ -81,13 +133,27 @@ def build_processor(config, tokenizer) -> MLMambaProcessor:
     return MLMambaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def build_model(config: MLMambaConfig, dtype: torch.dtype, seed: int = 0) -> MLMambaForConditionalGeneration:
-    """A randomly initialised model of `config`, in `dtype`, reproducible by `seed`."""
-    torch.manual_seed(seed)
+def build_model(
+    config: MLMambaConfig, dtype: torch.dtype, seed: int = 0, progress: bool = False
+) -> MLMambaForConditionalGeneration:
+    """A randomly initialised model of `config`, in `dtype`, reproducible by `seed`. With `progress`, a bar
+    counts the parameters as they are built and initialised (the same weights: the bar draws no random numbers)."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return MLMambaForConditionalGeneration(config)
+        if not progress:
+            torch.manual_seed(seed)
+            return MLMambaForConditionalGeneration(config)
+        try:  # the total: the same construction on the meta device (no memory, no random numbers)
+            with _parameters_registered() as total, torch.device("meta"):
+                MLMambaForConditionalGeneration(config)
+            total = total[0]
+        except Exception:  # a bar without a total still shows the count
+            total = None
+        torch.manual_seed(seed)
+        with _progress_bar(total, "parameters") as bar, _parameters_registered(bar.update):
+            model = MLMambaForConditionalGeneration(config)
+        return model
     finally:
         torch.set_default_dtype(default_dtype)
 
@@ -117,7 +183,7 @@ def _config_for(tokenizer, vision_config: dict, connector_config: dict, text_con
     )
 
 
-def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32, progress: bool = False):
     """A random-weight model of a named configuration and its processor (offline tokenizer)."""
     tokenizer = build_tokenizer(TOKENIZER_VOCAB[preset])
     config = get_preset(preset, **_special_token_ids(tokenizer))
@@ -125,7 +191,35 @@ def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32)
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the embedding only {config.text_config.vocab_size}"
         )
-    return model_and_processor(build_model(config, dtype, seed), tokenizer)
+    if progress:
+        stage(f"building {preset} with random weights ({str(dtype).removeprefix('torch.')})")
+    return model_and_processor(build_model(config, dtype, seed, progress), tokenizer)
+
+
+def add_image_token(tokenizer) -> None:
+    """Add `<image>` as a special token and keep the tokenizer's other special tokens.
+
+    transformers 5 renamed add_special_tokens' `replace_additional_special_tokens` (and the key
+    `additional_special_tokens`) to `replace_extra_special_tokens` (`extra_special_tokens`); the installed
+    tokenizer's signature tells which one it takes."""
+    from tokenizers import AddedToken
+
+    parameters = inspect.signature(tokenizer.add_special_tokens).parameters
+    token = AddedToken(IMAGE, special=True, normalized=False)
+    for key in ("extra_special_tokens", "additional_special_tokens"):  # transformers 5, 4.x
+        if f"replace_{key}" in parameters:
+            tokenizer.add_special_tokens({key: [token]}, **{f"replace_{key}": False})
+            return
+    raise TypeError(
+        f"cannot add {IMAGE} to {type(tokenizer).__name__}: its add_special_tokens takes neither "
+        "replace_extra_special_tokens (transformers 5) nor replace_additional_special_tokens (transformers 4), "
+        f"but {list(parameters)}"
+    )
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a folder holds a tokenizer (one of `TOKENIZER_FILES`)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(source: str, vocab_size: int):
@@ -134,7 +228,7 @@ def load_tokenizer(source: str, vocab_size: int):
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     if IMAGE not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]}, replace_additional_special_tokens=False)
+        add_image_token(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -150,6 +244,7 @@ def load_vision_tower(sources: list[str], image_size: int, dtype) -> tuple[dict,
     with the normalisation its family was trained with."""
     encoders, means, stds, state, notes = [], [], [], {}, []
     for i, source in enumerate(sources):
+        stage(f"loading vision encoder {i + 1} of {len(sources)}: {source}")
         config, tensors, dropped, encoder_notes = load_vision_encoder(source, image_size, dtype=dtype)
         notes.extend(encoder_notes)
         if config["model_type"] == "siglip_vision_model" and config.get("hidden_act") != "gelu":
@@ -168,6 +263,29 @@ def load_vision_tower(sources: list[str], image_size: int, dtype) -> tuple[dict,
                 f"{source}: not used by ML-Mamba, dropped: {len(dropped)} tensors ({_top_level_names(dropped)})"
             )
     return dict(encoders=encoders, feature_layer=-2, image_mean=means, image_std=stds), state, notes
+
+
+def check_vision_order(sources: list[str], kinds: list[str], expected: list[str], expected_by: str) -> None:
+    """Refuse encoders (identified as `kinds`: their model types, read from their config or weights) that are
+    not in the `expected` order: a swapped DINOv2 + SigLIP has the same total width, so nothing else notices."""
+    if list(kinds) == list(expected):
+        return
+    given = ", ".join(
+        f"{i} {ENCODER_NAMES.get(kind, kind)} ({source})" for i, (source, kind) in enumerate(zip(sources, kinds), 1)
+    )
+    raise CheckpointError(
+        f"--vision encoders in the wrong order: given {given}; {expected_by} expects "
+        f"{' then '.join(ENCODER_NAMES.get(k, k) for k in expected)}: pass --vision in that order"
+    )
+
+
+def _released_order(kinds: list[str]) -> list[str]:
+    """The released encoders' order: DINOv2 first (prismatic's fused DINOv2 + SigLIP / CLIP backbones)."""
+    return sorted(kinds, key=lambda kind: kind != "dinov2_with_registers")
+
+
+def _encoder_kinds(vision_config: dict) -> list[str]:
+    return [encoder["model_type"] for encoder in vision_config["encoders"]]
 
 
 def _top_level_names(keys: list[str]) -> str:
@@ -189,21 +307,35 @@ def load_into(model, state: dict) -> None:
 
 
 def convert_release(
-    checkpoint, vision: list[str], tokenizer: str, dtype=None, ngroups: int = 1, image_size: int = 384
+    checkpoint,
+    vision: list[str],
+    tokenizer: str,
+    dtype=None,
+    ngroups: int = 1,
+    image_size: int = 384,
+    progress: bool = False,
 ):
     """A released ML-Mamba or Cobra checkpoint + its vision encoders + tokenizer -> (model, processor, notes, family).
-    The family ("mlmamba" or "cobra") is told by the checkpoint's parts (`mlmamba.convert_release.split_release`)."""
+    The family ("mlmamba" or "cobra") is told by the checkpoint's parts (`mlmamba.convert_release.split_release`).
+    The encoders must come in the released order (DINOv2 first, then SigLIP)."""
+    stage(f"reading {checkpoint}")
     family, parts = split_release(load_tensors(checkpoint))
+    stage(f"converting the {RELEASES[family][0]} language model and connector")
     text, lm_state = release_language_model(family, parts, ngroups=ngroups)
     dtype = dtype or lm_state["model.language_model.embedding.weight"].dtype
     vision_config, vision_state, notes = load_vision_tower(vision, image_size=image_size, dtype=dtype)
+    kinds = _encoder_kinds(vision_config)
+    check_vision_order(vision, kinds, _released_order(kinds), f"the released {RELEASES[family][0]} checkpoint")
     vision_hidden = sum(e["hidden_size"] for e in vision_config["encoders"])
     if family == "cobra":
         connector_config, connector_state = take_cobra_projector(parts["projector"], vision_hidden, text["d_model"])
     else:
         connector_config, connector_state = take_connector(parts, vision_hidden, text["d_model"])
+    stage(f"loading the tokenizer {tokenizer}")
     tok = load_tokenizer(tokenizer, text["vocab_size"])
-    model = build_model(_config_for(tok, vision_config, connector_config, text), dtype)
+    stage("building the model")
+    model = build_model(_config_for(tok, vision_config, connector_config, text), dtype, progress=progress)
+    stage("loading the converted tensors into the model")
     load_into(model, {**lm_state, **connector_state, **vision_state})
     model, processor = model_and_processor(model, tok)
     return model, processor, notes, family
@@ -215,13 +347,31 @@ def family_of(preset: str) -> str:
     return family if family in PAPERS else "mlmamba"
 
 
-def convert_text_model(text_model: str, preset: str, vision: list[str], tokenizer: str, dtype=None, seed: int = 0):
+def convert_text_model(
+    text_model: str,
+    preset: str,
+    vision: list[str],
+    tokenizer: str | None = None,
+    dtype=None,
+    seed: int = 0,
+    ngroups: int | None = None,
+    progress: bool = False,
+):
     """A pretrained Mamba-2 or Mamba-1 LM (vision encoders too, if given) under a randomly initialised connector.
-    The preset gives the connector and vision geometry; its language model must be of the same kind."""
+    The preset gives the connector and vision geometry; its language model must be of the same kind, and the
+    encoders, if they are the preset's, must come in its order. Without `tokenizer`, the language model's folder
+    must hold one (`TOKENIZER_FILES`): it is used."""
     from huggingface_hub import snapshot_download
 
+    stage(f"reading the language model {text_model}")
     folder = text_model if Path(text_model).is_dir() else snapshot_download(text_model)
-    text, lm_state = mamba_lm_from_folder(folder)
+    lm_name = Path(text_model).name if Path(text_model).exists() else text_model  # notes name no local paths
+    if tokenizer is None and not has_tokenizer(folder):
+        raise CheckpointError(
+            f"{text_model} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give --tokenizer "
+            "(the state-spaces Mamba models use EleutherAI/gpt-neox-20b's)"
+        )
+    text, lm_state = mamba_lm_from_folder(folder, ngroups=ngroups)
     base = PRESETS[preset]()
     wanted = base["text_config"].get("ssm_layer", "Mamba2")
     if text["ssm_layer"] != wanted:
@@ -233,13 +383,21 @@ def convert_text_model(text_model: str, preset: str, vision: list[str], tokenize
     image_size = base["vision_config"]["encoders"][0]["image_size"]
     if vision:
         vision_config, vision_state, notes = load_vision_tower(vision, image_size, dtype)
+        kinds, wanted_kinds = _encoder_kinds(vision_config), _encoder_kinds(base["vision_config"])
+        if sorted(kinds) == sorted(wanted_kinds):  # the preset's encoders: in the preset's order
+            check_vision_order(vision, kinds, wanted_kinds, f"preset {preset!r}")
     else:
         vision_config, vision_state, notes = base["vision_config"], {}, []
-    tok = load_tokenizer(tokenizer, text["vocab_size"])
+    if tokenizer is None:
+        notes.append(f"the tokenizer is the language model's own ({lm_name})")
+    stage(f"loading the tokenizer {tokenizer or folder}")
+    tok = load_tokenizer(tokenizer or folder, text["vocab_size"])
     connector = dict(base["connector_config"])
     if connector.get("connector_type", "msc") in ("msc", "vss-l2"):
         connector["hidden_size"] = text["d_model"]
-    model = build_model(_config_for(tok, vision_config, connector, text), dtype, seed)
+    stage("building the model (the connector randomly initialised)")
+    model = build_model(_config_for(tok, vision_config, connector, text), dtype, seed, progress)
+    stage("loading the converted tensors into the model")
     own = model.state_dict()
     random_parts = {k: v for k, v in own.items() if k.startswith("model.connector.")}
     if not vision:
@@ -250,11 +408,114 @@ def convert_text_model(text_model: str, preset: str, vision: list[str], tokenize
     return model, processor, notes
 
 
-def save_folder(model, processor, output: str | Path) -> Path:
-    output = Path(output)
-    model.save_pretrained(output, max_shard_size="5GB")
-    processor.save_pretrained(output)
-    return output
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def check_output(output: str | Path, sources=(), overwrite: bool = False) -> Path:
+    """The resolved output folder, or OutputError where writing it would lose files.
+
+    Refused: a file; a non-empty folder unless `overwrite`; and, even with `overwrite`, a folder that is, lies
+    inside or contains a source folder, or contains a source file (a checkpoint's folder). `sources` are local
+    paths or Hub ids; Hub ids protect the Hugging Face cache they are read from."""
+    target = Path(output).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"--output {output} is a file, not a folder: choose a folder to write the model into")
+    protected = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.exists():
+            protected.append((path.resolve(), f"the source {source}"))
+        else:  # a Hub id: it is read from the cache
+            protected.append((_hub_cache().resolve(), f"the Hugging Face cache that holds {source}"))
+    for path, name in protected:
+        if target == path:
+            relation = "is"
+        elif target in path.parents:
+            relation = "contains"
+        elif path.is_dir() and path in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise OutputError(
+            f"--output {output} {relation} {name}; the converter never writes into its sources, even with "
+            "--overwrite: choose an --output outside them"
+        )
+    if target.is_dir() and not overwrite:
+        entries = sorted(p.name for p in target.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise OutputError(
+                f"--output {output} is not empty ({shown}): choose a new or empty folder, or give --overwrite to "
+                "replace it (all its files are removed once the new folder is complete)"
+            )
+    return target
+
+
+def _beside(target: Path, kind: str) -> Path:
+    """A new hidden folder next to `target`: `.NAME.KIND-XXXXXXXX`."""
+    while True:
+        path = target.parent / f".{target.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+@contextmanager
+def staged_folder(output: str | Path, overwrite: bool = False, sources=()):
+    """A temporary folder beside `output` (`.NAME.partial-XXXXXXXX`) to write into; when the block ends without
+    an error it becomes `output` (with `overwrite`, an old `output` is removed only then). On an error it is
+    removed and `output` is left as it was. `check_output` refuses what would lose files."""
+    target = check_output(output, sources, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = _beside(target, "partial")
+    try:
+        yield partial
+        _move_into_place(partial, target, output, overwrite)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _move_into_place(partial: Path, target: Path, output, overwrite: bool) -> None:
+    old = None
+    if target.is_dir():
+        if not any(target.iterdir()):
+            target.rmdir()
+        elif overwrite:
+            old = _beside(target, "old")
+            old.rmdir()
+            target.rename(old)
+        else:
+            raise OutputError(f"--output {output} was filled while converting: give --overwrite to replace it")
+    elif target.exists():
+        raise OutputError(f"--output {output} became a file while converting")
+    try:
+        partial.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_folder(model, processor, folder: str | Path) -> None:
+    """The weights (sharded at 5 GB), config, code files, processor and tokenizer, into `folder` as it is."""
+    model.save_pretrained(folder, max_shard_size="5GB")
+    processor.save_pretrained(folder)
+
+
+def save_folder(model, processor, output: str | Path, overwrite: bool = False) -> Path:
+    """Write `model` and `processor` as a complete model folder `output` (new or empty; a non-empty one only with
+    `overwrite`, replaced once the new one is complete). Written beside it and renamed, as `staged_folder`."""
+    with staged_folder(output, overwrite) as folder:
+        write_folder(model, processor, folder)
+    return Path(output)
 
 
 def main(argv=None):
@@ -266,57 +527,95 @@ def main(argv=None):
     source.add_argument("--text-model", help=text_model_help)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (--random, --text-model)")
     vision_help = (
-        "vision encoder, in order (DINOv2 first, as released): a transformers or timm folder or Hub id, "
-        "or a timm state dict file"
+        "vision encoder, in order: DINOv2 first, then SigLIP, as released (a swapped order is refused);\n"
+        "a transformers or timm folder or Hub id, or a timm state dict file"
     )
     parser.add_argument("--vision", action="append", default=[], help=vision_help)
-    tokenizer_help = "tokenizer folder or Hub id (GPT-NeoX-20B style, e.g. xiuyul/mamba-2.8b-zephyr)"
+    tokenizer_help = (
+        "tokenizer folder or Hub id (GPT-NeoX-20B style, e.g. xiuyul/mamba-2.8b-zephyr); required with\n"
+        "--checkpoint; with --text-model, defaults to the tokenizer in the language model's folder"
+    )
     parser.add_argument("--tokenizer", help=tokenizer_help)
-    parser.add_argument("--output", required=True, help="folder to write")
-    parser.add_argument("--seed", type=int, default=0)
+    output_help = "folder to write: new or empty (see --overwrite); never a source folder or one around or in it"
+    parser.add_argument("--output", required=True, help=output_help)
+    overwrite_help = "replace a non-empty --output folder: all its files are removed once the new folder is complete"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random weights (--random, --text-model)")
     dtype_help = "cast weights (default: keep the checkpoint's; random: float32 for -tiny, else bfloat16)"
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=dtype_help)
-    image_size_help = "image size of the converted model (--checkpoint; 384 as released)"
-    parser.add_argument("--image-size", type=int, default=384, help=image_size_help)
-    ngroups_help = "Mamba-2 ngroups of the checkpoint (shapes cannot tell; released models use 1)"
-    parser.add_argument("--ngroups", type=int, default=1, help=ngroups_help)
+    image_size_help = "image size of the converted model (--checkpoint; 384 as released; presets give their own)"
+    parser.add_argument("--image-size", type=int, default=None, help=image_size_help)
+    ngroups_help = (
+        "Mamba-2 ngroups of the checkpoint (shapes cannot tell; released models use 1;\n"
+        "--text-model: default from its config.json)"
+    )
+    parser.add_argument("--ngroups", type=int, default=None, help=ngroups_help)
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     output = Path(args.output)
+    # options that the chosen source would not use are refused, never silently dropped
+    unused = {
+        "random": ["--tokenizer", "--vision", "--image-size", "--ngroups"],
+        "checkpoint": ["--preset", "--seed"],
+        "text_model": ["--image-size"],
+    }
+    for mode, options in unused.items():
+        if getattr(args, mode):
+            given = [o for o in options if getattr(args, o[2:].replace("-", "_")) not in (None, [])]
+            if given:
+                parser.error(f"--{mode.replace('_', '-')} does not use {', '.join(given)}")
+    sources = [s for s in (args.checkpoint, args.text_model, args.tokenizer, *args.vision) if s]
+    try:
+        target = check_output(output, sources, args.overwrite)  # before hours of work, and again at the end
+    except OutputError as err:
+        parser.error(str(err))
 
     if args.random:
         if not args.preset:
             parser.error("--random needs --preset")
         dtype = dtype or DTYPES["float32" if args.preset.endswith("-tiny") else "bfloat16"]
-        model, processor = random_model(args.preset, seed=args.seed, dtype=dtype)
-        save_folder(model, processor, output)
+        model, processor = random_model(args.preset, seed=args.seed or 0, dtype=dtype, progress=True)
         notes = ["random weights, for tests and pipelines; not a trained model"]
-        write_model_card(output, f"{args.preset} (random weights)", [], notes, family=family_of(args.preset))
-    else:
+        title, bases, license, family = f"{args.preset} (random weights)", [], "mit", family_of(args.preset)
+    elif args.checkpoint:
         if not args.tokenizer:
-            parser.error("--tokenizer is required to convert weights")
-        if args.checkpoint:
-            if len(args.vision) == 0:
-                parser.error("--checkpoint needs the vision encoders: --vision DINO --vision SIGLIP (in this order)")
-            model, processor, notes, family = convert_release(
-                args.checkpoint, args.vision, args.tokenizer, dtype, args.ngroups, args.image_size
-            )
-            title, release = RELEASES[family]
-            bases, license = [release, *args.vision], "mit"  # both releases are MIT
-        else:
-            if not args.preset:
-                parser.error("--text-model needs --preset for the parts it does not provide")
-            model, processor, notes = convert_text_model(
-                args.text_model, args.preset, args.vision, args.tokenizer, dtype, args.seed
-            )
-            family = family_of(args.preset)
-            # a model card names Hub ids, never local paths
-            lm_name = Path(args.text_model).name if Path(args.text_model).exists() else args.text_model
-            title = f"{PAPERS[family][0]} on {lm_name} (connector untrained)"
-            bases = [args.text_model, *args.vision]
-            license = "apache-2.0"  # the state-spaces Mamba language models and Mamba-2.8B-Zephyr
-        save_folder(model, processor, output)
-        write_model_card(output, title, bases, notes, license, family=family)
+            parser.error("--checkpoint needs --tokenizer (e.g. xiuyul/mamba-2.8b-zephyr, the released one)")
+        if len(args.vision) == 0:
+            parser.error("--checkpoint needs the vision encoders: --vision DINO --vision SIGLIP (in this order)")
+        model, processor, notes, family = convert_release(
+            args.checkpoint,
+            args.vision,
+            args.tokenizer,
+            dtype,
+            args.ngroups or 1,
+            args.image_size or 384,
+            progress=True,
+        )
+        title, release = RELEASES[family]
+        bases, license = [release, *args.vision], "mit"  # both releases are MIT
+    else:
+        if not args.preset:
+            parser.error("--text-model needs --preset for the parts it does not provide")
+        model, processor, notes = convert_text_model(
+            args.text_model,
+            args.preset,
+            args.vision,
+            args.tokenizer,
+            dtype,
+            args.seed or 0,
+            ngroups=args.ngroups,
+            progress=True,
+        )
+        family = family_of(args.preset)
+        # a model card names Hub ids, never local paths
+        lm_name = Path(args.text_model).name if Path(args.text_model).exists() else args.text_model
+        title = f"{PAPERS[family][0]} on {lm_name} (connector untrained)"
+        bases = [args.text_model, *args.vision]
+        license = "apache-2.0"  # the state-spaces Mamba language models and Mamba-2.8B-Zephyr
+    stage(f"writing {output}")
+    with staged_folder(output, args.overwrite, sources) as folder:
+        write_folder(model, processor, folder)
+        write_model_card(folder, title, bases, notes, license, family=family, name=target.name)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {n_params / 1e6:.1f}M parameters ({model.dtype}) to {output}")
 

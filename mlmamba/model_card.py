@@ -25,9 +25,17 @@ def _paper(family: str) -> str:
 
 
 def write_model_card(
-    output: Path, title: str, base_models: list[str], notes: list[str], license: str = "mit", family: str = "mlmamba"
+    output: Path,
+    title: str,
+    base_models: list[str],
+    notes: list[str],
+    license: str = "mit",
+    family: str = "mlmamba",
+    name: str | None = None,
 ) -> None:
-    """README.md with Hub metadata: license, base models (Hub ids only), the family's paper and tags."""
+    """README.md in `output` with Hub metadata: license, base models (Hub ids only), the family's paper and tags.
+    The usage snippet loads `name` (default: the folder's name; a folder written under a temporary name gives
+    its final one)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base_models = [b for b in base_models if not Path(b).exists()]  # Hub ids only, never local paths
@@ -43,7 +51,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-MODEL = "{output.name}"  # this folder, or its Hub id
+MODEL = "{name or Path(output).name}"  # this folder, or its Hub id
 model = AutoModelForImageTextToText.from_pretrained(MODEL, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(MODEL, trust_remote_code=True)
 
@@ -77,4 +85,4 @@ print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_spec
             "",
         ]
     )
-    ModelCard(body).save(output / "README.md")
+    ModelCard(body).save(Path(output) / "README.md")
