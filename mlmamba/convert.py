@@ -14,8 +14,9 @@ Cobra's released checkpoint (han1997/cobra, cobra+3b/checkpoints/latest-checkpoi
 
 A pretrained Mamba-2 or Mamba-1 language model under a random connector (to train a new model from it):
     python -m mlmamba.convert --text-model state-spaces/mamba2-2.7b --preset mlmamba-3b \\
-        --vision ... --vision ... --tokenizer ... --output DIR
+        --vision ... --vision ... --tokenizer xiuyul/mamba-2.8b-zephyr --output DIR
     python -m mlmamba.convert --text-model xiuyul/mamba-2.8b-zephyr --preset cobra-3b (or vlmamba-3b) ...
+(the state-spaces folders hold no tokenizer, so --tokenizer is needed; Mamba-2.8B-Zephyr's own is its default)
 
 Each folder holds config.json, model.safetensors (sharded at 5 GB), the processor and tokenizer,
 chat_template.jinja, the code files and a model card (README.md), and loads with

@@ -254,3 +254,22 @@ def test_release_converts_with_timm_encoders(tmp_path):
     torch.testing.assert_close(converted.model.vision_tower(pixels), expected, atol=1e-5, rtol=1e-5)
     card = (out / "README.md").read_text()
     assert "attn_pool" in card and "vit_so400m_patch14_siglip_384" in card
+
+
+def test_swapped_timm_encoders_are_refused(tmp_path):
+    """timm folders identified by their tensors (register tokens: DINOv2; a patch bias and no class token: SigLIP)
+    in the wrong order are refused, though their total width fits the connector."""
+    from test_convert import release_checkpoint
+
+    from mlmamba.convert import random_model
+
+    model, processor = random_model("mlmamba-tiny", seed=0)
+    torch.save(release_checkpoint(model), tmp_path / "latest-checkpoint.pt")
+    processor.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    _save_timm_folder(_timm_model("dino", img_size=70, seed=1), tmp_path / "dino", "dino")
+    _save_timm_folder(_timm_model("siglip", img_size=42, seed=2), tmp_path / "siglip", "siglip")
+    argv = ["--checkpoint", str(tmp_path / "latest-checkpoint.pt"), "--tokenizer", str(tmp_path / "tokenizer")]
+    argv += ["--vision", str(tmp_path / "siglip"), "--vision", str(tmp_path / "dino")]
+    with pytest.raises(CheckpointError, match=r"given 1 SigLIP \(.*siglip\), 2 DINOv2 \(.*dino\); .* DINOv2 then"):
+        convert_main([*argv, "--image-size", "42", "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
