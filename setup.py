@@ -29,7 +29,7 @@ setup(
         "train": TRAIN,
         "kernels": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
         # no timm here: it pulls torchvision, which replaces the pinned CPU torch with a CUDA build
-        "dev": ["pytest>=8", "ruff>=0.15", "scikit-learn", "scikit-image", *TRAIN],
+        "dev": ["pytest>=8", "parameterized>=0.9", "ruff>=0.15", "scikit-learn", "scikit-image", *TRAIN],
     },
     entry_points={"console_scripts": ["mlmamba-convert=mlmamba.convert:main"]},
 )

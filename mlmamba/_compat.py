@@ -149,7 +149,7 @@ def mark_consumed(cache, consumed: bool = True) -> None:
             layer.has_previous_state[0] = consumed
 
 
-def image_features_output(vision_features, image_embeddings, return_dict):
+def image_features_output(vision_features, image_embeddings, return_dict, hidden_states=None, attentions=None):
     """What `get_image_features` returns: as LLaVA in 5.x a `BaseModelOutputWithPooling` (`pooler_output` the
     image embeddings, `last_hidden_state` the fused vision features), a tuple with `return_dict=False`; as
     LLaVA in 4.x, the image embeddings themselves unless `return_dict=True` asks for the output."""
@@ -157,6 +157,12 @@ def image_features_output(vision_features, image_embeddings, return_dict):
 
     if return_dict is None:
         return_dict = TRANSFORMERS_5
+    output = BaseModelOutputWithPooling(
+        last_hidden_state=vision_features,
+        pooler_output=image_embeddings,
+        hidden_states=hidden_states,
+        attentions=attentions,
+    )
     if not return_dict:
-        return (vision_features, image_embeddings) if TRANSFORMERS_5 else image_embeddings
-    return BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=image_embeddings)
+        return output.to_tuple() if TRANSFORMERS_5 else image_embeddings
+    return output

@@ -31,6 +31,7 @@ from ._compat import (
     EXTRA_AUTO_MAP,
     GENERATE_CACHE_KEY,
     OLD_CACHE_KEY,
+    TRANSFORMERS_5,
     CacheParamsAlias,
     image_features_output,
     init,
@@ -62,12 +63,15 @@ class MLMambaModelOutput(CacheParamsAlias, ModelOutput):
     cache: the updated `MLMambaCache` when `use_cache`.
     hidden_states: per layer outputs (embeddings first) when `output_hidden_states`.
     image_hidden_states: (n_images, num_image_tokens, d_model) connector outputs when images were given.
+    attentions: with `output_attentions`, the vision encoders' attention maps when images were given (the Mamba
+        layers compute none).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     cache: MLMambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -82,6 +86,7 @@ class MLMambaCausalLMOutput(CacheParamsAlias, ModelOutput):
     cache: MLMambaCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class MLMambaPreTrainedModel(PreTrainedModel):
@@ -105,10 +110,14 @@ class MLMambaPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """transformers' `from_pretrained`, strict for this model's own weights: a language-model, connector or
         head weight missing from the checkpoint, or one the model has no place for, raises (naming them) instead
-        of loading as random. Vision encoder weights may be missing (they are drawn as in a fresh encoder)."""
+        of loading as random. Vision encoder weights may be missing (they are drawn as in a fresh encoder).
+        `output_loading_info=True` (the caller reads the missing keys) and a given `state_dict` load as
+        transformers does."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        check_loaded_weights(info, ignore_mismatched=kwargs.get("ignore_mismatched_sizes", False))
+        # Asking for the loading info, or handing over the weights (`state_dict`), means the caller looks at them.
+        if not wants_info and kwargs.get("state_dict") is None:
+            check_loaded_weights(info, ignore_mismatched=kwargs.get("ignore_mismatched_sizes", False))
         model.freeze_vision_tower_if_configured()  # loading re-creates parameters with requires_grad=True
         return (model, info) if wants_info else model
 
@@ -193,16 +202,31 @@ class MLMambaModel(MLMambaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.embedding = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs):
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ):
         """(n_images, 3 * n_encoders, H, W) -> image embeddings (n_images, num_image_tokens, d_model).
 
         As transformers 5's VLMs: a `BaseModelOutputWithPooling` whose `pooler_output` is the image embeddings
         and `last_hidden_state` the fused vision features (a tuple with `return_dict=False`). Under 4.x, as
-        LLaVA there, the image embeddings tensor itself.
+        LLaVA there, the image embeddings tensor itself. `hidden_states` and `attentions` are the vision tower's
+        (`MLMambaVisionTower.encode`). Flags left as None come from the config.
         """
-        features = self.vision_tower(pixel_values)
+        config = self.config
+        if return_dict is None and TRANSFORMERS_5:
+            return_dict = config.return_dict
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        features, hidden, attentions = self.vision_tower.encode(
+            pixel_values, bool(output_hidden_states), bool(output_attentions)
+        )
         embeddings = self.connector(features.to(self.get_input_embeddings().weight.dtype))
-        return image_features_output(features, embeddings, return_dict)
+        return image_features_output(features, embeddings, return_dict, hidden, attentions)
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
         """(b, l) bool mask of the image tokens, from `input_ids` or else from `inputs_embeds` (positions equal to
@@ -278,6 +302,8 @@ class MLMambaModel(MLMambaPreTrainedModel):
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
+        output_attentions = kwargs.pop("output_attentions", None)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -289,9 +315,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
             raise ValueError("the input holds no tokens: give at least one (the prompt was empty)")
 
         # 1. Images replace their placeholder tokens.
-        image_features = None
+        image_features = vision_attentions = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_output = self.get_image_features(
+                pixel_values, return_dict=True, output_hidden_states=False, output_attentions=output_attentions
+            )
+            image_features, vision_attentions = image_output.pooler_output, image_output.attentions
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
 
@@ -317,19 +346,24 @@ class MLMambaModel(MLMambaPreTrainedModel):
             cache=cache,
             hidden_states=select_hidden_states(all_hidden, output_hidden_states),
             image_hidden_states=image_features,
+            attentions=vision_attentions,
         )
         return output if return_dict else output.to_tuple()
 
 
 def select_hidden_states(all_hidden, output_hidden_states):
-    """All hidden states, or those a list of layer indices names (embeddings are index 0)."""
+    """All hidden states, or (as transformers does for a list of layer indices) a tuple of the same length with
+    None except at the positions listed; negative indices count from the end, embeddings are index 0."""
     if all_hidden is None or isinstance(output_hidden_states, bool):
         return all_hidden
-    return tuple(all_hidden[i] for i in output_hidden_states)
+    keep = {i % len(all_hidden) for i in output_hidden_states}
+    return tuple(h if i in keep else None for i, h in enumerate(all_hidden))
 
 
 # Arguments generic callers (generate, Trainer) pass that this model does not read.
-UNUSED_KWARGS = {"cache_position", "token_type_ids", "output_attentions", "is_first_iteration"}
+UNUSED_KWARGS = {"cache_position", "token_type_ids", "is_first_iteration"}
+# Passed on to the composite: the vision encoders' attentions (the Mamba layers have none).
+VISION_KWARGS = {"output_attentions"}
 # Read for padding-free (packed) batches: `position_ids` and what TRL's padding-free collator adds
 # (see `packed_sequence_index`), and the Trainer's loss normaliser.
 PACKING_KWARGS = {"position_ids", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
@@ -337,11 +371,9 @@ LOSS_KWARGS = {"num_items_in_batch", "shift_labels", "ignore_index"}  # transfor
 
 
 def _check_extra_kwargs(kwargs: dict) -> None:
-    unknown = sorted(set(kwargs) - UNUSED_KWARGS - PACKING_KWARGS - LOSS_KWARGS)
+    unknown = sorted(set(kwargs) - UNUSED_KWARGS - PACKING_KWARGS - LOSS_KWARGS - VISION_KWARGS)
     if unknown:
         raise TypeError(f"MLMambaForConditionalGeneration.forward() got unexpected arguments {unknown}")
-    if kwargs.get("output_attentions"):
-        raise ValueError("Mamba layers compute no attention weights; output_attentions=True is not supported")
 
 
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, DecodeGraphs):
@@ -459,6 +491,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
             output_hidden_states=output_hidden_states,
             return_dict=True,
             seq_idx=seq_idx,
+            output_attentions=kwargs.get("output_attentions"),
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
@@ -483,6 +516,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, D
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -3,9 +3,12 @@
 import torch
 from torch import nn
 from transformers import AutoModel
+from transformers.utils import logging
 
 from ._compat import unwrap_vision_model
 from .configuration_mlmamba import MLMambaVisionConfig
+
+logger = logging.get_logger(__name__)
 
 
 class MLMambaVisionTower(nn.Module):
@@ -46,6 +49,12 @@ class MLMambaVisionTower(nn.Module):
         return owners.get(id(module))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encode(pixel_values)[0]
+
+    def encode(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False):
+        """(fused features, hidden states or None, attentions or None). The hidden states are per layer (embeddings
+        first) the encoders' patch tokens fused on channels, as the features are; when the encoders differ in depth,
+        each encoder's hidden states one after the other. The attentions are the encoders' one after the other."""
         expected = (3 * len(self.encoders), self.image_size, self.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
@@ -53,12 +62,32 @@ class MLMambaVisionTower(nn.Module):
                 f"(3 channels per vision encoder, resized to {self.image_size}x{self.image_size}); got "
                 f"{tuple(pixel_values.shape)}. Prepare images with MLMambaProcessor."
             )
-        features = []
+        outputs = []
         for i, (encoder, model) in enumerate(zip(self.encoders, self.encoder_models)):
             trainable = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
             dtype = next(encoder.embeddings.parameters()).dtype  # no Linear there: quantization keeps it
             with torch.set_grad_enabled(trainable):
-                out = model(pixel_values=pixel_values[:, 3 * i : 3 * i + 3].to(dtype), output_hidden_states=True)
-            # Prefix tokens (CLS, registers) come first; keep the patch grid.
-            features.append(out.hidden_states[self.feature_layer][:, -self.num_patches :])
-        return torch.cat(features, dim=-1)
+                outputs.append(
+                    model(
+                        pixel_values=pixel_values[:, 3 * i : 3 * i + 3].to(dtype),
+                        output_hidden_states=True,
+                        output_attentions=output_attentions,
+                    )
+                )
+        # Prefix tokens (CLS, registers) come first; keep the patch grid.
+        per_encoder = [[h[:, -self.num_patches :] for h in out.hidden_states] for out in outputs]
+        features = torch.cat([layers[self.feature_layer] for layers in per_encoder], dim=-1)
+        hidden = attentions = None
+        if output_hidden_states:
+            if len({len(layers) for layers in per_encoder}) == 1:
+                hidden = tuple(torch.cat(layer, dim=-1) for layer in zip(*per_encoder))
+            else:
+                hidden = tuple(h for layers in per_encoder for h in layers)
+        if output_attentions and all(out.attentions for out in outputs):  # sdpa gives none
+            attentions = tuple(a for out in outputs for a in out.attentions)
+        elif output_attentions:
+            logger.warning_once(
+                "the vision encoders return attention maps only with attn_implementation='eager' (they use "
+                f"{self.encoders[0].config._attn_implementation!r}); attentions is None"
+            )
+        return features, hidden, attentions

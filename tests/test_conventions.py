@@ -57,13 +57,15 @@ def test_return_dict_false_returns_the_standard_tuple(family):
 
 @torch.no_grad()
 def test_hidden_states_as_a_list_of_layer_indices(family):
+    """As transformers does: the full-length tuple, None except at the listed layers (negative from the end)."""
     model, processor = family
     inputs = _inputs(processor)
     every = model(**inputs, output_hidden_states=True).hidden_states
-    picked = model(**inputs, output_hidden_states=[0, 2]).hidden_states
-    assert len(picked) == 2
+    picked = model(**inputs, output_hidden_states=[0, -1]).hidden_states
+    assert len(picked) == len(every)
     torch.testing.assert_close(picked[0], every[0])
-    torch.testing.assert_close(picked[1], every[2])
+    torch.testing.assert_close(picked[-1], every[-1])
+    assert all(h is None for h in picked[1:-1])
 
 
 @torch.no_grad()
@@ -175,13 +177,35 @@ def test_missing_vision_weights_are_drawn_as_in_a_fresh_encoder(family, family_f
 
 
 @torch.no_grad()
-def test_attention_outputs_are_refused_clearly(family):
+def test_attention_outputs_are_the_vision_encoders(family):
+    """The Mamba layers compute no attention: `output_attentions=True` returns the vision encoders' maps (one per
+    encoder layer, as `get_image_features` gives them), and generate() refuses it clearly."""
     model, processor = family
     inputs = _inputs(processor)
-    with pytest.raises(ValueError, match="no attention weights"):
-        model(**inputs, output_attentions=True)
+    assert model(**inputs, output_attentions=True).attentions is None  # sdpa computes no maps: a warning says so
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**inputs, output_attentions=True)
+        reference = model.get_image_features(inputs["pixel_values"], output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    layers = sum(e.config.num_hidden_layers for e in model.model.vision_tower.encoders)
+    assert len(out.attentions) == layers
+    for a, b in zip(out.attentions, reference):
+        torch.testing.assert_close(a, b)
+    assert model(**inputs).attentions is None
     with pytest.raises(ValueError, match="no attention weights"):
         model.generate(**inputs, **GREEDY, output_attentions=True, return_dict_in_generate=True)
+
+
+def test_image_features_carry_the_vision_hidden_states(family):
+    model, processor = family
+    with torch.no_grad():
+        out = model.get_image_features(_inputs(processor)["pixel_values"], output_hidden_states=True)
+    depth = model.model.vision_tower.encoders[0].config.num_hidden_layers
+    assert len(out.hidden_states) == depth + 1
+    feature_layer = model.config.vision_config.feature_layer
+    torch.testing.assert_close(out.hidden_states[feature_layer], out.last_hidden_state)
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 5's Cache API")

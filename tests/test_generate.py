@@ -80,8 +80,10 @@ def test_the_state_cache_is_constant_in_sequence_length(family):
 def test_images_are_used_at_prefill_only(family, monkeypatch):
     model, processor = family
     calls = []
-    original = model.model.vision_tower.forward
-    monkeypatch.setattr(model.model.vision_tower, "forward", lambda pv: calls.append(pv.shape) or original(pv))
+    original = model.model.vision_tower.encode
+    monkeypatch.setattr(
+        model.model.vision_tower, "encode", lambda pv, *args: calls.append(pv.shape) or original(pv, *args)
+    )
     inputs = chat_inputs(processor, "Which digit is this?", make_image(6))
     model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None)
     assert len(calls) == 1
