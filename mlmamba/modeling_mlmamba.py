@@ -129,16 +129,26 @@ class MLMambaPreTrainedModel(PreTrainedModel):
                     module.requires_grad_(False)
 
     @torch.no_grad()
+    def initialize_weights(self):
+        # transformers' traversal (children first), but each vision encoder's modules take their own model's init,
+        # and nothing is skipped as remote code: transformers 5 skips remote code's modules that have no parameters
+        # of their own (SigLIP's and CLIP's attention and MLP, which their init sets), unsure that such code
+        # initialises through `init`, as ours does.
+        towers = [m for m in self.modules() if isinstance(m, MLMambaVisionTower)]
+
+        def initialize(module):
+            for child in module.children():
+                initialize(child)
+            encoders = [t.encoder_model_of(module) for t in towers]
+            owner = next((encoder for encoder in encoders if encoder is not None), self)
+            owner._initialize_weights(module)
+
+        initialize(self)
+
+    @torch.no_grad()
     def _init_weights(self, module):
         text = self.config.text_config
         std = text.initializer_range
-        towers = self.__dict__.setdefault(
-            "_vision_towers", [m for m in self.modules() if isinstance(m, MLMambaVisionTower)]
-        )
-        for tower in towers:
-            encoder_init = tower.init_weights_of(module)
-            if encoder_init is not None:
-                return encoder_init(module)
         if isinstance(module, ScanMixer):
             # after the generic Linear init of its children below (modules are initialised children first)
             module.reset_ssm_parameters(copy=init_copy)

@@ -5,7 +5,7 @@ from torch import nn
 from transformers import AutoModel
 from transformers.utils import logging
 
-from ._compat import unwrap_vision_model
+from ._compat import install_output_capturing_hooks, unwrap_vision_model
 from .configuration_mlmamba import MLMambaVisionConfig
 
 logger = logging.get_logger(__name__)
@@ -30,21 +30,20 @@ class MLMambaVisionTower(nn.Module):
         # SigLIP's and CLIP's inner module returns hidden states only when its model calls it. Not submodules: the
         # weights are those of `encoders`, which the models share.
         self.__dict__["encoder_models"] = encoders
-        self.encoder_init_weights = [e._init_weights for e in encoders]
         self.encoders = nn.ModuleList([unwrap_vision_model(e) for e in encoders])
         self.feature_layer = config.feature_layer
         self.num_patches = config.num_image_tokens
         self.image_size = config.image_size
+        for encoder in encoders:  # at build: installed at the first call, they would break a compiled graph
+            install_output_capturing_hooks(encoder)
 
-    def init_weights_of(self, module: nn.Module):
-        """The initialisation a module of one of the encoders gets in its own model (its `_init_weights`), so
-        that weights missing from a checkpoint are drawn as in a fresh model; None for other modules."""
+    def encoder_model_of(self, module: nn.Module):
+        """The encoder model (transformers' own `PreTrainedModel`) that `module` is part of, None for other modules:
+        its `_initialize_weights` draws weights missing from a checkpoint as in a fresh encoder."""
         owners = self.__dict__.get("_owners")
-        if owners is None:  # built once: {id(module): its encoder's init}
+        if owners is None:  # built once: {id(module): its encoder model}
             owners = self.__dict__["_owners"] = {
-                id(m): init
-                for encoder, init in zip(self.encoders, self.encoder_init_weights)
-                for m in encoder.modules()
+                id(m): model for model, encoder in zip(self.encoder_models, self.encoders) for m in encoder.modules()
             }
         return owners.get(id(module))
 

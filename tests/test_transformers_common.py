@@ -7,7 +7,7 @@ the folder `MLMAMBA_TRANSFORMERS_TESTS` names); without it this module skips. Th
 `tests/generation/test_utils.py` and `tests/exporters/test_export.py`, which `test_modeling_common.py` imports:
 empty stand-ins take their place (generate() has its own tests in test_generate.py).
 
-No test is skipped here; one is an expected failure, a known defect (see below). The flags are those of
+No test is skipped or expected to fail here. The flags are those of
 transformers' Mamba / Mamba2 testers (`has_attentions = False`:
 the mixin itself skips the tests of attention outputs, which an attention-free language model cannot give) and
 LLaVA's (`_is_composite`); the mixin's other skips are its own (no GPU, no flash-attn, no RoPE, ...).
@@ -155,12 +155,6 @@ class _FamilyTest(ModelTesterMixin, GenerationTesterMixin):
         for patch in _auto_names_patches():
             patch.start()
             self.addCleanup(patch.stop)
-
-    # Known defect, open in issue 15 (item 10): SigLIP's and CLIP's attention and MLP weights, missing from a
-    # checkpoint, are drawn differently from a fresh model's (DINOv2's match). Strict: it fails once fixed.
-    @unittest.expectedFailure
-    def test_can_init_all_missing_weights(self):
-        super().test_can_init_all_missing_weights()
 
     def test_attn_implementation_composite_models(self):
         # `has_attentions = False` skips it, but the vision encoders have attention: run it as for LLaVA.
