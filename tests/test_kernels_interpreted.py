@@ -2,11 +2,11 @@
 give the torch path's outputs and states (see tests/kernels_interpreted.py).
 
 Runs when MLMAMBA_KERNELS_PYTHON names the python of a virtual environment with torch, triton and
-mamba_ssm's Python + Triton part (the README's setup makes `.venv-kernels`; .ci/run does too); skipped
-otherwise. It checks what a CPU can check of the GPU path: the calls into `mamba_chunk_scan_combined`
-and `selective_state_update` (argument layouts, dt bias and softplus, D, initial and final states,
-grouped heads), padding and decoding through them, and loading them from an install without
-mamba_ssm's CUDA extensions. causal_conv1d (CUDA only) and CUDA graphs need a GPU: tests/test_gpu.py.
+mamba_ssm's Python + Triton part, as `nox -s kernels` does; skipped otherwise. It checks what a CPU can
+check of the GPU path: the calls into `mamba_chunk_scan_combined` and `selective_state_update` (argument
+layouts, dt bias and softplus, D, initial and final states, grouped heads), padding and decoding through
+them, and loading them from an install without mamba_ssm's CUDA extensions. causal_conv1d (CUDA only) and
+CUDA graphs need a GPU: tests/test_gpu.py.
 """
 
 import json
@@ -20,9 +20,7 @@ PYTHON = os.environ.get("MLMAMBA_KERNELS_PYTHON")
 if PYTHON:
     PYTHON = os.path.abspath(PYTHON)
 
-pytestmark = pytest.mark.skipif(
-    not PYTHON, reason="MLMAMBA_KERNELS_PYTHON names no environment with triton and mamba_ssm"
-)
+pytestmark = pytest.mark.skipif(not PYTHON, reason="needs Triton and mamba_ssm beside: `nox -s kernels` runs it")
 
 
 def test_triton_kernels_equal_the_torch_path():

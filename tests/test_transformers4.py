@@ -1,7 +1,7 @@
 """Folders saved under transformers 5 load and generate under the last 4.x line (AutoModelForVision2Seq).
 
 Runs when MLMAMBA_TRANSFORMERS4_PYTHON names the python of a virtual environment with
-transformers 4.57 (the README's setup makes one; .ci/run does too); skipped otherwise."""
+transformers 4.57, as `nox -s transformers4` does; skipped otherwise."""
 
 import json
 import os
@@ -40,7 +40,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not PYTHON4, reason="set MLMAMBA_TRANSFORMERS4_PYTHON to a transformers 4.57 venv's python")
+@pytest.mark.skipif(not PYTHON4, reason="needs transformers 4.57 beside: `nox -s transformers4` runs it")
 def test_transformers4_loads_and_generates_the_same(family, family_folder, tmp_path):
     model, processor = family
     image = make_image(12)

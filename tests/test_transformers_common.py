@@ -1,16 +1,17 @@
 """transformers' own common model tests (`ModelTesterMixin`) on each family, as transformers runs them on its
 built-in models (tests/models/llava/test_modeling_llava.py, tests/models/mamba2/test_modeling_mamba2.py).
 
-The common test files are not in the transformers wheel. `python tests/fetch_transformers_tests.py` puts the
-`tests/` folder of the installed version's source distribution into `.cache/transformers-tests/<version>/` (or
-the folder `MLMAMBA_TRANSFORMERS_TESTS` names); without it this module skips. That distribution lacks
-`tests/generation/test_utils.py` and `tests/exporters/test_export.py`, which `test_modeling_common.py` imports:
-empty stand-ins take their place (generate() has its own tests in test_generate.py).
+The common test files are not in the transformers wheel. On its first run this module fetches the `tests/` folder
+of the installed version's source distribution into `.cache/transformers-tests/<version>/` (or the folder
+`MLMAMBA_TRANSFORMERS_TESTS` names; tests/fetch_transformers_tests.py does it); without network it skips. That
+distribution lacks `tests/generation/test_utils.py` and `tests/exporters/test_export.py`, which
+`test_modeling_common.py` imports: empty stand-ins take their place (generate() has its own tests in
+test_generate.py).
 
-No test is skipped or expected to fail here. The flags are those of
-transformers' Mamba / Mamba2 testers (`has_attentions = False`:
-the mixin itself skips the tests of attention outputs, which an attention-free language model cannot give) and
-LLaVA's (`_is_composite`); the mixin's other skips are its own (no GPU, no flash-attn, no RoPE, ...).
+No test is skipped or expected to fail here. The flags are those of transformers' Mamba / Mamba2 testers
+(`has_attentions = False`: the mixin itself skips the tests of attention outputs, which an attention-free language
+model cannot give) and LLaVA's (`_is_composite`); the mixin's other skips are its own (no GPU, no flash-attn, no
+RoPE, ...).
 """
 
 import importlib
@@ -22,7 +23,7 @@ import warnings
 
 import pytest
 import torch
-from fetch_transformers_tests import MARKER, tests_folder
+from fetch_transformers_tests import MARKER, fetch, tests_folder
 from transformers.models.auto import modeling_auto
 from transformers.testing_utils import torch_device
 
@@ -31,9 +32,11 @@ from mlmamba.presets import PRESETS
 
 FOLDER = tests_folder()
 if not (FOLDER / MARKER).is_file():
+    print(f"fetch_transformers_tests: {fetch()}")  # once: later runs find them in the cache folder
+if not (FOLDER / MARKER).is_file():
     pytest.skip(
-        f"transformers' common tests are not in {FOLDER}: run `python tests/fetch_transformers_tests.py` "
-        "(it needs network once)",
+        f"transformers' common tests are not in {FOLDER} and could not be fetched (it needs network once; "
+        "`python tests/fetch_transformers_tests.py` says why)",
         allow_module_level=True,
     )
 pytest.importorskip("parameterized", reason="transformers' common tests need `parameterized` (pip install it)")
