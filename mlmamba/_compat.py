@@ -166,3 +166,41 @@ def image_features_output(vision_features, image_embeddings, return_dict, hidden
     if not return_dict:
         return output.to_tuple() if TRANSFORMERS_5 else image_embeddings
     return output
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile: checks and hooks that keep a compiled forward one graph.
+# --------------------------------------------------------------------------------------
+
+try:  # transformers 5: a ValueError in eager calls, a runtime check (no graph break) under torch.compile
+    from transformers.utils import torch_compilable_check
+except ImportError:  # transformers 4.x: the same helper, written out
+    from transformers.utils import is_torchdynamo_compiling
+
+    def torch_compilable_check(cond, msg, error_type: type[Exception] = ValueError) -> None:
+        if is_torchdynamo_compiling():  # a hint and runtime check for the compiler; the message may not trace
+            if isinstance(cond, torch.Tensor):
+                torch._check_tensor_all(cond)
+            else:
+                torch._check(cond)
+            return
+        message = msg if callable(msg) else (lambda: msg)
+        if callable(cond):
+            cond = cond()
+        if isinstance(cond, torch.Tensor):
+            torch._check_tensor_all_with(error_type, cond, message)
+        else:
+            torch._check_with(error_type, cond, message)
+
+
+try:  # transformers 5 records a model's hidden states by hooks installed at its first such call
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks as _install_capturing_hooks
+except ImportError:  # transformers 4.x records them without hooks
+    _install_capturing_hooks = None
+
+
+def install_output_capturing_hooks(model: nn.Module) -> None:
+    """Install now the hooks transformers 5 would install on `model`'s first call asking for hidden states: that
+    installation takes a lock, which breaks a compiled graph (transformers' backbones install them at build too)."""
+    if _install_capturing_hooks is not None:
+        _install_capturing_hooks(model)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import logging
+from transformers.utils import is_torchdynamo_compiling, logging
 
 from .configuration_mlmamba import MLMambaTextConfig
 from .mamba1_mixer import Mamba1Mixer
@@ -100,8 +100,8 @@ class MLMambaLanguageModel(nn.Module):
         if piece is None:
             piece = default_max_prefill_tokens(inputs_embeds.device)
         l = inputs_embeds.shape[1]
-        if inputs_embeds.device.type == "cpu" and l > 1:
-            prime_cpu_allocator()
+        if inputs_embeds.device.type == "cpu" and l > 1 and not is_torchdynamo_compiling():
+            prime_cpu_allocator()  # an eager-only effect on the allocator: a compiled graph would drop it
         if cache is None or not piece or l <= piece or torch.is_grad_enabled():
             return self._forward_layers(inputs_embeds, attention_mask, cache, output_hidden_states)
         pieces = [

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, is_torchdynamo_compiling
 
 from ._compat import (
     EXTRA_AUTO_MAP,
@@ -38,6 +38,7 @@ from ._compat import (
     init_copy,
     take_cache_argument,
     tied_weights_keys,
+    torch_compilable_check,
 )
 from .cache import DecodeGraph, DecodeGraphs, MLMambaCache, as_state_cache, check_cache_fits
 from .configuration_mlmamba import MLMambaConfig
@@ -246,28 +247,38 @@ class MLMambaModel(MLMambaPreTrainedModel):
         else:
             image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
             mask = (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
-        n_tokens = int(mask.sum())
+        n_tokens = mask.sum()
         n_images, per_image = image_features.shape[:2]
-        if n_tokens != n_images * per_image:
-            raise ValueError(
+
+        def message():
+            n = int(n_tokens)
+            return (
                 f"Got {n_images} image(s), which need {n_images * per_image} image tokens ({per_image} each), "
-                f"but the input holds {n_tokens} image tokens ({n_tokens / per_image:g} images' worth). Put one "
+                f"but the input holds {n} image tokens ({n / per_image:g} images' worth). Put one "
                 "<image> in the text per image and let MLMambaProcessor expand it."
             )
+
+        torch_compilable_check(n_tokens == n_images * per_image, message)
         return mask
 
     def _check_input_ids(self, input_ids: torch.LongTensor, images_given: bool, prefill: bool) -> None:
+        # Checks that are ValueErrors in eager calls and runtime checks, not graph breaks, under torch.compile.
         vocab = self.get_input_embeddings().num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(
+        torch_compilable_check(
+            (input_ids >= 0) & (input_ids < vocab),
+            lambda: (
                 f"input_ids must be token ids in [0, {vocab}); got values from {int(input_ids.min())} to "
                 f"{int(input_ids.max())}. Tokenize the text with this model's processor."
-            )
-        n_tokens = int((input_ids == self.config.image_token_id).sum()) if not images_given and prefill else 0
-        if n_tokens:
-            raise ValueError(
-                f"input_ids hold {n_tokens} image tokens but no pixel_values were given; pass the images "
-                "(MLMambaProcessor does both), or remove the image tokens"
+            ),
+        )
+        if not images_given and prefill:
+            image_tokens = input_ids == self.config.image_token_id
+            torch_compilable_check(
+                ~image_tokens,
+                lambda: (
+                    f"input_ids hold {int(image_tokens.sum())} image tokens but no pixel_values were given; pass "
+                    "the images (MLMambaProcessor does both), or remove the image tokens"
+                ),
             )
 
     @property
@@ -341,8 +352,8 @@ class MLMambaModel(MLMambaPreTrainedModel):
                     f"attention_mask has shape {tuple(attention_mask.shape)} but the input is "
                     f"{tuple(inputs_embeds.shape[:2])}"
                 )
-            if bool(attention_mask.all()):
-                attention_mask = None
+            if not is_torchdynamo_compiling() and bool(attention_mask.all()):
+                attention_mask = None  # compiled, the mixers take it as it is: an all-ones mask changes nothing
 
         # 3. The language model, reading and advancing the state cache.
         cache = self._prepare_cache(cache, use_cache, inputs_embeds, packed=seq_idx is not None)
