@@ -1,10 +1,9 @@
 """Train an ML-Mamba model to read handwritten digits, offline, then ask it about one it has never seen.
 
-    python examples/demo.py                                  # about two minutes on two CPU cores
+    python examples/demo.py                                  # a few minutes on two CPU cores
     python examples/demo.py --steps 100 --output my-digits   # shorter training, keep the model folder
-    python examples/demo.py --model PATH_OR_HUB_ID --image photo.jpg --question "What is in the image?"
 
-Without --model, the whole path runs here, with no download:
+The whole path runs here, with no download:
   1. build a random-weight `mlmamba-tiny` model (what `python -m mlmamba.convert --random` writes);
   2. fine-tune it with TRL's SFTTrainer on 1500 of scikit-learn's handwritten digits, in TRL's
      vision-language format ("Which digit is this?" -> "7"), loss on the answers only;
@@ -12,8 +11,7 @@ Without --model, the whole path runs here, with no download:
      (AutoModelForImageTextToText / AutoProcessor, trust_remote_code=True);
   4. ask "Which digit is this?" about a held-out digit, and measure the accuracy on all 297 held-out digits.
 
-With --model it chats with that model instead: one question about --image (default: scikit-image's
-astronaut photo), the answer streamed as it is generated.
+To chat with the trained folder, or any other model, afterwards: `mlmamba-chat FOLDER --image FILE`.
 """
 
 import argparse
@@ -24,16 +22,6 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
-
-
-def sample_image() -> Image.Image:
-    try:
-        from skimage import data  # scikit-image ships a few sample photographs
-
-        return Image.fromarray(data.astronaut())
-    except ImportError:
-        y, x = np.mgrid[0:224, 0:224]
-        return Image.fromarray(np.stack([x, y, (x + y) // 2], -1).astype("uint8"))
 
 
 def load(path, device: str, dtype: torch.dtype):
@@ -64,13 +52,6 @@ def ascii_digit(image: Image.Image) -> str:
     return "\n".join("    " + "".join(shades[int(v / 256 * len(shades))] * 2 for v in row) for row in ink)
 
 
-def chat(args) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load(args.model, device, torch.bfloat16 if device == "cuda" else torch.float32)
-    image = Image.open(args.image).convert("RGB") if args.image else sample_image()
-    ask(model, processor, image, args.question or "Provide a short description of this image.", args.max_new_tokens)
-
-
 def train_and_ask(args) -> None:
     from trl import SFTTrainer
 
@@ -79,7 +60,7 @@ def train_and_ask(args) -> None:
     from mlmamba.training import sft_config
 
     start = time.perf_counter()
-    model, processor = random_model("mlmamba-tiny", seed=0)
+    model, processor = random_model("mlmamba-tiny", seed=args.seed)
     size = sum(p.numel() for p in model.parameters())
     print(f"1. built a random-weight mlmamba-tiny: {size / 1e6:.2f}M parameters, answers are noise so far")
 
@@ -98,7 +79,7 @@ def train_and_ask(args) -> None:
         **recipe,
         save_strategy="no",
         logging_steps=max(1, args.steps // 5),
-        seed=0,
+        seed=args.seed,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor)
@@ -122,30 +103,20 @@ def train_and_ask(args) -> None:
     accuracy, _ = digits_accuracy(model, processor, test)
     print(f"\nheld-out accuracy: {accuracy:.1%} of {len(test)} digits answered right (chance: 10%)")
     print(f"total time: {time.perf_counter() - start:.0f} s")
-    print(f'chat with it: python examples/demo.py --model {output} --image IMAGE --question "{DIGITS_QUESTION}"')
+    print(f'chat with it: mlmamba-chat {output} --image IMAGE --question "{DIGITS_QUESTION}"')
 
 
 def main(argv=None):
     from mlmamba.digits import DIGITS_RECIPE
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", help="model folder or Hub id to chat with (default: train a tiny model on digits)")
-    parser.add_argument("--image", help="with --model: image file (default: scikit-image's astronaut photo)")
-    parser.add_argument("--question", help='with --model: default "Provide a short description of this image."')
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="with --model: answer length limit")
     parser.add_argument(
         "--steps", type=int, default=DIGITS_RECIPE["max_steps"], help="training steps (default: %(default)s)"
     )
     parser.add_argument("--output", help="where to save the trained model folder (default: a new temporary folder)")
     parser.add_argument("--index", type=int, default=0, help="which held-out digit to ask about (0-296)")
-    args = parser.parse_args(argv)
-    if args.model is None and (args.image or args.question):
-        parser.error("--image and --question need --model (without it the demo trains on digits and asks about one)")
-
-    if args.model:
-        chat(args)
-    else:
-        train_and_ask(args)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and the training order")
+    train_and_ask(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

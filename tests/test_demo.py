@@ -1,11 +1,10 @@
-"""examples/demo.py, the README's first command, both ways: train-and-ask (a few steps here) and chat."""
+"""examples/demo.py, the README's demo command: build, train (a few steps here), save, reload, ask, measure."""
 
 import importlib.util
 import re
 from pathlib import Path
 
 import pytest
-from conftest import make_image
 from transformers import AutoModelForImageTextToText
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,19 +41,3 @@ def test_demo_trains_saves_reloads_and_answers(demo, tmp_path, capsys):
     assert (out / "model.safetensors").exists() and (out / "modeling_mlmamba.py").exists()
     assert (out / "chat_template.jinja").exists() or (out / "processor_config.json").exists()
     AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
-
-
-def test_demo_chats_with_a_given_model(demo, tiny_folder, tmp_path, capsys):
-    image = tmp_path / "picture.png"
-    make_image(0).save(image)
-    demo.main(
-        ["--model", str(tiny_folder), "--image", str(image), "--question", "What is this?", "--max-new-tokens", "4"]
-    )
-    printed = capsys.readouterr().out
-    assert printed.startswith("Q: What is this?\nA: ")
-    assert "fine-tuning" not in printed
-
-
-def test_demo_refuses_chat_flags_without_a_model(demo):
-    with pytest.raises(SystemExit):
-        demo.main(["--question", "What is this?"])
