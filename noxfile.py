@@ -54,7 +54,7 @@ def lint(session: nox.Session) -> None:
 def transformers4(session: nox.Session) -> None:
     session.install(TORCH, TRANSFORMERS4, "safetensors", "pillow", "numpy")
     python = str(Path(session.bin) / "python")
-    _main_pytest(session, "tests/test_transformers4.py", env={"MLMAMBA_TRANSFORMERS4_PYTHON": python})
+    _main_pytest(session, "-m", "transformers4", env={"MLMAMBA_TRANSFORMERS4_PYTHON": python})
 
 
 @nox.session

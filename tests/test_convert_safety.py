@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import chat_inputs, make_image
+from conftest import TRANSFORMERS4_PYTHON, chat_inputs, make_image
 from test_convert import _hf_mamba2, release_checkpoint
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -26,9 +26,6 @@ from mlmamba.presets import get_preset
 from mlmamba.tokenizer_offline import EOS, IMAGE, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON4 = os.environ.get("MLMAMBA_TRANSFORMERS4_PYTHON")
-if PYTHON4:
-    PYTHON4 = os.path.abspath(PYTHON4)
 
 
 def tokenizer_without_image() -> PreTrainedTokenizerFast:
@@ -281,12 +278,12 @@ _TRANSFORMERS4_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not PYTHON4, reason="set MLMAMBA_TRANSFORMERS4_PYTHON to a transformers 4.57 venv's python")
+@pytest.mark.transformers4
 def test_transformers4_converts_with_a_tokenizer_without_image_token(tmp_path):
     (tmp_path / "run.py").write_text(_TRANSFORMERS4_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        [PYTHON4, str(tmp_path / "run.py"), str(tmp_path / "lm"), str(tmp_path / "out")],
+        [TRANSFORMERS4_PYTHON, str(tmp_path / "run.py"), str(tmp_path / "lm"), str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=600,

@@ -4,17 +4,12 @@ Runs when MLMAMBA_TRANSFORMERS4_PYTHON names the python of a virtual environment
 transformers 4.57, as `nox -s transformers4` does; skipped otherwise."""
 
 import json
-import os
 import subprocess
 import textwrap
 
 import pytest
 import torch
-from conftest import chat_inputs, make_image
-
-PYTHON4 = os.environ.get("MLMAMBA_TRANSFORMERS4_PYTHON")
-if PYTHON4:
-    PYTHON4 = os.path.abspath(PYTHON4)  # relative to where pytest starts; the test runs elsewhere
+from conftest import TRANSFORMERS4_PYTHON, chat_inputs, make_image
 
 _SCRIPT = textwrap.dedent(
     """
@@ -40,7 +35,7 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not PYTHON4, reason="needs transformers 4.57 beside: `nox -s transformers4` runs it")
+@pytest.mark.transformers4
 def test_transformers4_loads_and_generates_the_same(family, family_folder, tmp_path):
     model, processor = family
     image = make_image(12)
@@ -57,7 +52,13 @@ def test_transformers4_loads_and_generates_the_same(family, family_folder, tmp_p
     )
     (tmp_path / "run.py").write_text(_SCRIPT)
     run = subprocess.run(
-        [PYTHON4, str(tmp_path / "run.py"), str(family_folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        [
+            TRANSFORMERS4_PYTHON,
+            str(tmp_path / "run.py"),
+            str(family_folder),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "out.pt"),
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
