@@ -34,6 +34,16 @@ ESCAPE = "\u200b"  # what the chat template puts after the first character of a 
 TEMPLATE_ONLY_KWARGS = ("escape_special_tokens",)
 
 
+# Defaults under the caller's arguments: tensors unless asked otherwise, the chat template's own special tokens.
+TEXT_DEFAULTS = {"return_tensors": "pt", "add_special_tokens": False, "return_token_type_ids": False}
+IMAGES_DEFAULTS = {"return_tensors": "pt"}
+
+
+class MLMambaProcessorKwargs(ProcessingKwargs, total=False):
+    # transformers up to 5.23 and 4.x read defaults from here only (5.24 also from the processor's class attributes)
+    _defaults = {"text_kwargs": TEXT_DEFAULTS, "images_kwargs": IMAGES_DEFAULTS}
+
+
 class MLMambaProcessor(ProcessorMixin):
     """Wraps MLMambaImageProcessor and a tokenizer; `processor(images=..., text=...)` gives the model inputs.
 
@@ -48,9 +58,8 @@ class MLMambaProcessor(ProcessorMixin):
 
     attributes = ["image_processor", "tokenizer"]
     locals().update(processor_class_attributes())  # the class namespace: 4.x's image_processor_class etc.
-    # Defaults under the caller's arguments (transformers 5 reads these class attributes; 4.x gets them below).
-    text_kwargs = {"return_tensors": "pt", "add_special_tokens": False, "return_token_type_ids": False}
-    images_kwargs = {"return_tensors": "pt"}
+    valid_processor_kwargs = MLMambaProcessorKwargs
+    text_kwargs, images_kwargs = TEXT_DEFAULTS, IMAGES_DEFAULTS  # where transformers 5.24 reads them
 
     def __init__(
         self, image_processor=None, tokenizer=None, chat_template=None, image_token: str = IMAGE_TOKEN, **kwargs
@@ -235,7 +244,7 @@ class MLMambaProcessor(ProcessorMixin):
             if texts is not None:
                 self._check_images_fill_markers(images, texts)
             output_kwargs = self._merge_kwargs(
-                _Transformers4Kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+                MLMambaProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
             )
             return_tensors = output_kwargs["text_kwargs"].pop("return_tensors", None)
             data = {}
@@ -275,10 +284,6 @@ class MLMambaProcessor(ProcessorMixin):
                 else:
                     out.append((start - k * extra, end - k * extra))
             return out
-
-
-class _Transformers4Kwargs(ProcessingKwargs, total=False):  # _compat candidate: 4.x reads defaults from here
-    _defaults = {"text_kwargs": MLMambaProcessor.text_kwargs, "images_kwargs": MLMambaProcessor.images_kwargs}
 
 
 def _refuse_other_modalities(videos, audio) -> None:
