@@ -21,13 +21,18 @@ machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth, o
 model's weight matrices read in turn as a decoding step reads them (also printed: over the output layer
 alone, which a large CPU cache can hold between repeats, so it overstates what decoding can stream), and
 prints each figure's ratio to the limit it is bound by:
-  prefill limit = model FLOPs / matmul FLOP/s        decode limit = bytes of weights / bandwidth
+  prefill limit = model FLOPs / matmul FLOP/s        decode limit = bytes of weights / streaming read
+The streaming read (a sum over each of those matrices in turn) is the honest decode limit: no
+matrix-vector kernel reads the weights faster. Threads: torch's default (one per core); the rows
+run one at a time, each in its own process, so none competes with another for the cores, and with
+OMP_WAIT_POLICY=PASSIVE unless `--omp-wait-policy` says otherwise (every row alike).
 """
 
 import argparse
 import ctypes
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -198,16 +203,31 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     )
 
 
-def _matvec_bandwidth(weights, device, repeats):
-    """Bytes per second of `x @ w.T` over the matrices in turn (what a decoding step does with its weights)."""
+def _matvec_bandwidth(weights, device, repeats, product=lambda v, w: v @ w.T):
+    """Bytes per second of `product(x, w)` (default `x @ w.T`) over the matrices in turn (what a decoding step
+    does with its weights)."""
     vectors = [torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights]
     for w, v in zip(weights, vectors):
-        v @ w.T
+        product(v, w)
     sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         for w, v in zip(weights, vectors):
-            v @ w.T
+            product(v, w)
+    sync(device)
+    return repeats * sum(w.numel() * w.element_size() for w in weights) / (time.perf_counter() - t)
+
+
+def _stream_bandwidth(weights, device, repeats):
+    """Bytes per second of one streaming read of the matrices in turn (a sum of each): what any decoding
+    step must at least do with its weights, whatever its matrix-vector kernel."""
+    for w in weights:
+        w.sum()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        for w in weights:
+            w.sum()
     sync(device)
     return repeats * sum(w.numel() * w.element_size() for w in weights) / (time.perf_counter() - t)
 
@@ -232,10 +252,16 @@ def machine_limits(device, dtype, size):
     layers = [(2 * d_inner + 2 * c["d_state"] + d_inner // c["headdim"], d), (d, d_inner)] * c["n_layer"]
     model = head + [torch.randn(shape, device=device, dtype=dtype) for shape in layers]
     model_bandwidth = _matvec_bandwidth(model, device, repeats=5)
+    # oneDNN's linear on the same weights as they lie (an alternative to MKL's product on CPU)
+    onednn = None
+    if device == "cpu" and torch.backends.mkldnn.is_available():
+        linear = torch.ops.mkldnn._linear_pointwise
+        onednn = _matvec_bandwidth(model, device, 5, lambda v, w: linear(v, w, None, "none", [], ""))
+    stream = _stream_bandwidth(model, device, repeats=5)
     del model, head
     if device == "cuda":
         torch.cuda.empty_cache()
-    return flops, head_bandwidth, model_bandwidth
+    return flops, head_bandwidth, model_bandwidth, onednn, stream
 
 
 def main():
@@ -253,6 +279,12 @@ def main():
         default=3,
         help="timed runs of each row, interleaved across rows; the median is reported (default 3)",
     )
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of every measured row (default PASSIVE: OpenMP threads sleep at barriers instead "
+        "of spinning, which on cores shared with other jobs was 4-5 times faster; '' keeps the environment's)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args()
     dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
@@ -263,13 +295,20 @@ def main():
         print(json.dumps(measure(impl, args.size, args.device, dtype_name, int(prompt), int(batch), args.new_tokens)))
         return
 
-    flops, head_bandwidth, bandwidth = machine_limits(args.device, getattr(torch, dtype_name), args.size)
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when OpenMP loads: it applies to the rows only
+    flops, head_bandwidth, matvec, onednn, bandwidth = machine_limits(
+        args.device, getattr(torch, dtype_name), args.size
+    )
     print(
-        f"machine: {args.device}, {dtype_name}; matmul {flops / 1e9:.0f} GFLOP/s; "
-        f"matrix-vector {bandwidth / 1e9:.1f} GB/s "
-        f"over a {args.size} model's weight matrices in turn "
-        f"({head_bandwidth / 1e9:.1f} GB/s repeating the output layer "
-        "alone); the decode limit uses the first"
+        f"machine: {args.device}, {dtype_name}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', 'unset')} in the rows "
+        f"({os.environ.get('OMP_WAIT_POLICY', 'unset')} for the limits); matmul {flops / 1e9:.0f} GFLOP/s; "
+        f"streaming read {bandwidth / 1e9:.1f} GB/s over a {args.size} model's weight matrices in turn "
+        f"(the decode limit); matrix-vector over them {matvec / 1e9:.1f} GB/s (x @ w.T)"
+        + (f", {onednn / 1e9:.1f} GB/s (oneDNN linear)" if onednn else "")
+        + f", {head_bandwidth / 1e9:.1f} GB/s repeating the output layer alone"
     )
     cases = [(prompt, batch, impl) for prompt in args.prompts for batch in args.batch for impl in args.impls]
     runs = {case: [] for case in cases}
@@ -289,7 +328,7 @@ def main():
                 "--new-tokens",
                 str(args.new_tokens),
             ]
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if run.returncode:
                 tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
                 runs[(prompt, batch, impl)].append(dict(impl=impl, prompt=prompt, batch=batch, error=tail[:80]))
