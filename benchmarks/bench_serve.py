@@ -114,12 +114,17 @@ def summarise(engine: str, concurrency: int, records: list[dict], wall: float) -
     )
 
 
-def run_clients(concurrency: int, requests: list, ask) -> tuple[list[dict], float]:
-    """`concurrency` clients that each send the next request once their previous one is answered."""
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        records = list(pool.map(ask, requests))
-    return records, time.perf_counter() - start
+def measure(engine: str, ask, requests: list, concurrencies: list[int]) -> list[dict]:
+    """One warm-up request, then per concurrency: that many clients, each sending the next request once its
+    previous one is answered, summarised."""
+    ask(requests[0])
+    results = []
+    for concurrency in concurrencies:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            records = list(pool.map(ask, requests))
+        results.append(summarise(engine, concurrency, records, time.perf_counter() - start))
+    return results
 
 
 # ---- transformers ---------------------------------------------------------------------------------------------
@@ -164,12 +169,7 @@ def bench_transformers(folder: Path, requests: list, concurrencies: list[int], n
         tokens = out.shape[1] - inputs["input_ids"].shape[1]
         return dict(start=start, first=streamer.first, end=time.perf_counter(), tokens=tokens)
 
-    ask(requests[0])  # warm-up
-    results = []
-    for concurrency in concurrencies:
-        records, wall = run_clients(concurrency, requests, ask)
-        results.append(summarise("transformers", concurrency, records, wall))
-    return results
+    return measure("transformers", ask, requests, concurrencies)
 
 
 # ---- vLLM's server --------------------------------------------------------------------------------------------
@@ -267,12 +267,7 @@ def bench_vllm(base_url: str, requests: list, concurrencies: list[int], new_toke
         end = time.perf_counter()
         return dict(start=start, first=first or end, end=end, tokens=tokens)
 
-    ask(requests[0])  # warm-up
-    results = []
-    for concurrency in concurrencies:
-        records, wall = run_clients(concurrency, requests, ask)
-        results.append(summarise("vllm", concurrency, records, wall))
-    return results
+    return measure("vllm", ask, requests, concurrencies)
 
 
 def print_table(rows: list[dict]) -> None:
