@@ -7,7 +7,7 @@
 
 MODEL is a model folder (what `python -m mlmamba.convert` writes) or a Hub id. It loads the way users load
 any model: AutoModelForImageTextToText and AutoProcessor, with trust_remote_code=True. The image is a file or
-an http(s) URL; without one the chat is text only.
+an http(s), file:// or data: URL, read as the processor reads image strings; without one the chat is text only.
 
 With --question the answer is printed once. Without it, each line read from the input is a question,
 answered with the whole conversation so far: the model's chat template is applied to all messages every turn,
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
-from transformers.image_utils import load_image
+
+from .image_processing_mlmamba import load_image_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A Hub id: "name" or "owner/name". Anything else that is not a folder here is a mistyped path.
@@ -81,17 +82,16 @@ def pick_dtype(parser, name: str, device: torch.device) -> torch.dtype:
 
 
 def open_image(source: str):
-    """A PIL image (RGB) from a file or URL, through transformers' loader; ValueError/OSError when it cannot."""
-    is_url = source.startswith(("http://", "https://", "data:"))
+    """The image a file or URL holds, read as the processor reads image strings (`load_image_source`: EXIF
+    orientation applied, 16-bit depth kept); ValueError/OSError when it cannot."""
+    is_url = source.startswith(("http://", "https://", "file://", "data:"))
     if not is_url and not Path(source).expanduser().is_file():
-        # load_image would read any other string as base64 data and fail with a message about that
+        # the loader would read any other string as base64 data and fail with a message about that
         raise FileNotFoundError(f"no such image file: {source}")
     try:
-        return load_image(source if is_url else str(Path(source).expanduser()))
-    except (OSError, ValueError) as err:
+        return load_image_source(source if is_url else str(Path(source).expanduser()))
+    except ValueError as err:  # unreadable files and failed fetches alike: say which image, not a traceback
         raise ValueError(f"cannot read an image from {source}: {err}") from err
-    except Exception as err:  # network errors of the URL fetch (requests/httpx): say which image, not a traceback
-        raise ValueError(f"cannot fetch {source}: {err}") from err
 
 
 def check_model_source(parser, model: str) -> None:
