@@ -25,9 +25,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 from references import spread_weights
 
@@ -59,11 +59,6 @@ CASES = [
     ("Which digit?", [(3, (30, 30))]),
     ("Compare the two pictures: which one is brighter, and why?", [(4, (64, 64)), (5, (20, 90))]),
 ]
-
-
-def make_image(seed: int, size) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(size[0], size[1], 3) * 255).astype("uint8"))
 
 
 def case_images(case) -> list:
