@@ -1,9 +1,11 @@
-"""The decoding state of the language model, and decoding steps replayed from a CUDA graph.
+"""The decoding state of the language model, and decoding steps replayed from a graph.
 
 MLMambaCache   per layer a conv state and an SSM state, constant in sequence length
-DecodeGraph    one single-token decoding step for one cache, captured once and replayed
+DecodeGraph    one single-token decoding step for one cache: a CUDA graph, or compiled off CUDA
 DecodeGraphs   the generation head's switch for them (`enable_decode_graphs`)
 """
+
+import types
 
 import torch
 
@@ -183,25 +185,52 @@ def as_state_cache(cache, config: MLMambaTextConfig, batch_size: int, dtype, dev
     return adopted
 
 
+# inductor settings of `enable_decode_graphs(prepack_weights=True)`: freezing makes the weights constants of
+# the graph, which lets max-autotune pick its C++ matrix kernels with the weights copied once into their
+# blocked layout (on CPU faster than MKL's and oneDNN's matrix-vector products on bf16 and int8 weights).
+PREPACK_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def compile_decode_step(model, backend: str, prepack_weights: bool = False):
+    """`model._decode_logits` compiled by `torch.compile(backend=backend)`, one graph per batch size.
+
+    The compiled code belongs to a fresh copy of the method's code object: dynamo keeps compiled code per code
+    object, and a graph with frozen (prepacked) weights must not be reused after the weights change, so each
+    call compiles anew instead of finding an earlier graph whose guards still pass.
+    """
+    step = model._decode_logits
+    if isinstance(step, types.MethodType):
+        f = step.__func__
+        fresh = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        step = types.MethodType(fresh, model)
+    options = PREPACK_OPTIONS if prepack_weights and backend == "inductor" else None
+    return torch.compile(step, backend=backend, fullgraph=True, dynamic=False, options=options)
+
+
 class DecodeGraph:
-    """One decoding step of the language model for one cache, replayed from a CUDA graph.
+    """One decoding step of the language model for one cache, replayed from a graph.
 
     A step of the 2.7B model launches some thousand small kernels (64 layers of projections, conv and
-    state updates); replaying them as one CUDA graph removes the launch overhead that dominates batch-1
-    decoding. The graph reads and writes the cache's state tensors where they are, so they must stay
-    there: `MLMambaCache.reorder_cache` works in place. `step(ids (b, 1))` returns the logits (b, 1, vocab)
-    in a buffer the next step overwrites.
+    state updates). On CUDA they are replayed as one CUDA graph, which removes the launch overhead that
+    dominates batch-1 decoding. Elsewhere the step runs as the model's compiled step (`compiled`, from
+    `compile_decode_step`): inductor fuses each layer's small operations (conv step, state update, norms)
+    into a few C++ loops, which on a CPU removes most of the time a step spends besides reading the weights
+    (see docs/PERFORMANCE.md); without one the step runs eagerly. The graph reads and writes the cache's
+    state tensors where they are, so they must stay there: `MLMambaCache.reorder_cache` works in place.
+    `step(ids (b, 1))` returns the logits (b, 1, vocab) in a buffer the next step may overwrite.
 
-    `model` is the `MLMambaForConditionalGeneration` whose `_decode_logits` the graph records. Off CUDA the
-    same object runs the step eagerly (no graph): the tests check that path on CPU.
+    `model` is the `MLMambaForConditionalGeneration` whose `_decode_logits` the graph records.
     """
 
-    def __init__(self, model, cache: MLMambaCache):
+    def __init__(self, model, cache: MLMambaCache, compiled=None):
         self.model, self.cache = model, cache
         self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.layer_states(0)[0].device)
         self.graph = self.logits = None
+        self.compiled = None
         if self.ids.is_cuda:
             self._capture()
+        else:
+            self.compiled = compiled
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -221,6 +250,11 @@ class DecodeGraph:
 
     @torch.no_grad()
     def step(self, ids: torch.LongTensor) -> torch.Tensor:
+        if self.compiled is not None:
+            # Always the same input tensor: the ids generate() hands in are views of its growing sequence,
+            # with a new stride each step, and a compiled graph specialised on strides would recompile.
+            self.ids.copy_(ids)
+            return self.compiled(self.ids, self.cache)
         if self.graph is None:
             return self.model._decode_logits(ids, self.cache)
         self.ids.copy_(ids)
@@ -229,7 +263,7 @@ class DecodeGraph:
 
 
 class DecodeGraphs:
-    """Opt-in CUDA-graph decoding for a model with `_decode_logits(ids, cache)` (the generation head).
+    """Opt-in graph decoding for a model with `_decode_logits(ids, cache)` (the generation head).
 
     `prepare_inputs_for_generation` asks `can_replay_decode_graph` at each decoding step; a plain step then
     replays the graph of its cache (`decode_graph_for`), one graph at a time, for the cache in use.
@@ -237,12 +271,25 @@ class DecodeGraphs:
 
     use_decode_graphs = False
     _decode_graph: DecodeGraph | None = None
+    _compiled_decode_step = None
 
-    def enable_decode_graphs(self, enabled: bool = True):
-        """Replay each single-token decoding step from a CUDA graph (`DecodeGraph`), captured once per cache
-        at the first decoding step of a `generate()` call. Inference only; off CUDA steps run eagerly."""
+    def enable_decode_graphs(self, enabled: bool = True, backend: str | None = "inductor", prepack_weights=False):
+        """Run each single-token decoding step of `generate()` from a graph (`DecodeGraph`). Inference only.
+
+        On CUDA: a CUDA graph, captured once per cache at the first decoding step. Elsewhere: the step compiled
+        by `torch.compile(backend=backend)` (None: eager). The first decoding step at each batch size pays the
+        compile: tens of seconds on a 2-core CPU, less once inductor's cache on disk holds it.
+
+        `prepack_weights=True` (inductor, off CUDA) also freezes the weights into the graph and lets inductor
+        choose its own C++ matrix kernels (`PREPACK_OPTIONS`): the fastest CPU decoding in bf16 and int8, at the
+        cost of a second copy of the weight matrices and a longer first compile. The graph keeps the weights of
+        its first step: call `enable_decode_graphs` again after changing them.
+        """
         self.use_decode_graphs = enabled
         self._decode_graph = None
+        self._compiled_decode_step = None
+        if enabled and backend is not None:
+            self._compiled_decode_step = compile_decode_step(self, backend, prepack_weights)
         return self
 
     def can_replay_decode_graph(self, new_ids, pixel_values, attention_mask, output_hidden_states, kwargs) -> bool:
@@ -261,5 +308,5 @@ class DecodeGraphs:
 
     def decode_graph_for(self, cache: MLMambaCache) -> DecodeGraph:
         if self._decode_graph is None or self._decode_graph.cache is not cache:
-            self._decode_graph = DecodeGraph(self, cache)
+            self._decode_graph = DecodeGraph(self, cache, self._compiled_decode_step)
         return self._decode_graph

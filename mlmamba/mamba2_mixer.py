@@ -187,6 +187,17 @@ def ssd_step(
     x32 = x.float()
     dA = torch.exp(dt.float() * A.float())  # (b, h)
     dtx = (dt.float()[:, :, None] * x32).view(b * g, j * p, 1)
+    if torch.compiler.is_compiling():
+        # Written as broadcasts, so that inductor makes the decay, the outer product with B, the product
+        # with C and the write-back one loop over the state (bmm and baddbmm stay separate passes).
+        new_state = state.float().view(b, g, j, p, n) * dA.view(b, g, j, 1, 1) + dtx.view(
+            b, g, j, p, 1
+        ) * B.float().view(b, g, 1, 1, n)
+        state.copy_(new_state.view(b, h, p, n))
+        y = (new_state * C.float().view(b, g, 1, 1, n)).sum(-1).view(b, h, p)
+        if D is not None:
+            y = y + x32 * D.float()[:, None]
+        return y.to(x.dtype)
     B = B.float().reshape(b * g, 1, n)
     C = C.float().reshape(b * g, n, 1)
     # The heads of a group share B and C: one (j * p, n) matrix per group takes the outer product with B

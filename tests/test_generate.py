@@ -4,7 +4,9 @@ Every test runs for each model family (`family` in conftest): ML-Mamba (Mamba-2 
 MLP projector) and VL-Mamba (Mamba-1 + VSS with the cross scan)."""
 
 import torch
-from conftest import chat_inputs, make_image
+from conftest import chat_inputs, make_image, spread_weights
+
+from mlmamba.convert import random_model
 
 
 def _prompt(processor, question):
@@ -238,8 +240,8 @@ def test_streamers_repetition_penalty_stop_strings_and_eos_lists(family):
 @torch.no_grad()
 def test_decode_graph_path_equals_the_plain_path(family):
     """`enable_decode_graphs()` sends each decoding step through `DecodeGraph` (a CUDA graph on a GPU, the same
-    capturable step run eagerly here): greedy, beam search (the cache reordered in place under the graph's
-    buffers) and a left-padded batch give the plain path's tokens, and prefill still takes the images."""
+    capturable step run eagerly here, `backend=None`): greedy, beam search (the cache reordered in place under the
+    graph's buffers) and a left-padded batch give the plain path's tokens, and prefill still takes the images."""
     model, processor = family
     inputs = chat_inputs(processor, "Which digit is this?", make_image(13))
     prompts = [_prompt(processor, q) for q in ("What?", "Describe the image in detail, please.")]
@@ -248,7 +250,7 @@ def test_decode_graph_path_equals_the_plain_path(family):
     plain = [model.generate(**inputs, **GREEDY), model.generate(**inputs, **beams), model.generate(**batch, **GREEDY)]
     calls = []
     try:
-        model.enable_decode_graphs()
+        model.enable_decode_graphs(backend=None)
         original = model._decode_logits
         model._decode_logits = lambda ids, cache: calls.append(ids.shape) or original(ids, cache)
         graphed = [
@@ -262,3 +264,60 @@ def test_decode_graph_path_equals_the_plain_path(family):
     assert len(calls) == 11 + 7 + 11  # every decoding step after the prefill, none of the prefills
     for a, b in zip(graphed, plain):
         torch.testing.assert_close(a, b)
+
+
+@torch.no_grad()
+def test_compiled_decode_step_equals_the_plain_path(family):
+    """Off CUDA, `enable_decode_graphs()` runs each decoding step compiled by inductor (C++ code generated for
+    this CPU): greedy tokens and every step's scores equal the eager path's, for one prompt with an image and a
+    left-padded batch; a second generate() with a new cache reuses the compiled step (no recompile)."""
+    model, processor = family
+    inputs = chat_inputs(processor, "Which digit is this?", make_image(21))
+    prompts = [_prompt(processor, q) for q in ("What?", "Describe the image in detail, please.")]
+    batch = processor(images=[make_image(22), make_image(23)], text=prompts, padding=True)
+    scored = dict(GREEDY, output_scores=True, return_dict_in_generate=True)
+    plain = [model.generate(**inputs, **scored), model.generate(**batch, **scored)]
+    torch._dynamo.reset()
+    try:
+        model.enable_decode_graphs()
+        compiled = [model.generate(**inputs, **scored), model.generate(**batch, **scored)]
+        with torch.compiler.set_stance("fail_on_recompile"):
+            again = model.generate(**inputs, **scored)
+    finally:
+        model.enable_decode_graphs(False)
+        torch._dynamo.reset()
+    for a, b in zip([*compiled, again], [*plain, plain[0]]):
+        assert torch.equal(a.sequences, b.sequences)
+        torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores), atol=1e-4, rtol=1e-4)
+    assert len({tuple(s.tolist()) for s in plain[1].sequences}) == 2  # the rows differ: a real batch
+
+
+@torch.no_grad()
+def test_prepacked_decode_step_equals_the_plain_path_and_follows_new_weights():
+    """`enable_decode_graphs(prepack_weights=True)` freezes the weights into the compiled step (inductor's own
+    matrix kernels): the same greedy tokens and scores as eager (Mamba-2 model, weights at unit scale); after the
+    weights change, enabling it again compiles the new weights in, and its tokens follow them."""
+    model, processor = random_model("mlmamba-tiny", seed=0)
+    spread_weights(model.model.language_model, seed=1)
+    spread_weights(model.model.connector, seed=2)
+    model.eval()
+    inputs = chat_inputs(processor, "Which digit is this?", make_image(24))
+    scored = dict(GREEDY, output_scores=True, return_dict_in_generate=True)
+    out_proj = model.model.language_model.layers[-1].mixer.out_proj.weight
+    sequences = []
+    torch._dynamo.reset()
+    try:
+        for change in (False, True):
+            if change:
+                out_proj.mul_(-1.0)  # a different last layer: other logits, other tokens
+            plain = model.generate(**inputs, **scored)
+            model.enable_decode_graphs(prepack_weights=True)
+            packed = model.generate(**inputs, **scored)
+            model.enable_decode_graphs(False)
+            assert torch.equal(packed.sequences, plain.sequences)
+            torch.testing.assert_close(torch.stack(packed.scores), torch.stack(plain.scores), atol=1e-4, rtol=1e-4)
+            sequences.append(plain.sequences)
+    finally:
+        model.enable_decode_graphs(False)
+        torch._dynamo.reset()
+    assert not torch.equal(*sequences)  # the changed weights mattered, and the second graph had them
