@@ -1,31 +1,44 @@
 """Side-by-side generation benchmark: prefill time, decode tokens/s and peak memory in ONE run.
 
-    python benchmarks/bench_generate.py                       # CPU: mamba2-130m size, prompts 829 and 2048
+    python benchmarks/bench_generate.py                       # CPU: mamba2-130m size, prompt 829, fp32 bf16 int8
+    python benchmarks/bench_generate.py --llama-cpp PATH      # ... and llama.cpp's rows (see the README)
     python benchmarks/bench_generate.py --size 2.7b --device cuda --prompts 1024 8192 32768 --batch 1 8 --repeats 1
 
 Implementations, all with the same random weights where they share an architecture:
-  ours        MLMambaForConditionalGeneration (text-only prompt), state cache, torch or kernels path
-  ours-graph  the same, each decoding step replayed from a CUDA graph (`enable_decode_graphs`; CUDA default)
-  hf-mamba2   transformers' Mamba2ForCausalLM holding the same language-model weights
-  phi         a transformer of the same width and depth class (PhiForCausalLM, sdpa), its KV cache
+  ours           MLMambaForConditionalGeneration (text-only prompt), state cache, eager torch or kernels path
+  ours-compiled  the same, each decoding step compiled by inductor (`enable_decode_graphs()`; CPU)
+  ours-prepacked the same with `enable_decode_graphs(prepack_weights=True)`: inductor's own matrix kernels (CPU)
+  ours-graph     each decoding step replayed from a CUDA graph (`enable_decode_graphs()`; CUDA default)
+  hf-mamba2      transformers' Mamba2ForCausalLM holding the same language-model weights (not in int8)
+  phi            a transformer of the same width and depth class (PhiForCausalLM, sdpa), its KV cache (--impls)
+  llama.cpp      llama.cpp's llama-bench on the same weights converted to GGUF by its convert_hf_to_gguf.py
+                 (--llama-cpp: a llama.cpp source tree with build/bin/llama-bench); fp32 -> F32, bf16 -> F16,
+                 int8 -> Q8_0. Its prefill and decode figures are its pp and tg tests (decode from an empty
+                 state: a Mamba's step costs the same at any position).
+
+Precisions (`--precisions`): fp32; bf16 (`dtype=torch.bfloat16`; the SSM state stays fp32); int8, the model
+loaded through transformers' route with `quantization_config=TorchAoConfig(Int8WeightOnlyConfig())`: int8
+weights with a scale per row for every linear layer, bf16 activations. transformers leaves the output layer,
+tied to the input embedding, in bf16 (77 MB of a step's 168 MB at 130m), where Q8_0 quantizes it too (138 MB).
 
 Prefill = time to the first generated token; decode tokens/s from the time stamps of the following
-tokens (a stopping criterion records them). The prefill limit counts 2 FLOPs per weight and token
-(embeddings and head excluded) plus the sequence mixing: the SSM recurrence, 4 FLOPs per state element
-and token, or causal attention, 2 * prompt * hidden per token and layer. Each measurement runs in its
-own subprocess after a warm-up generate() at the same shape; `--repeats` runs (interleaved across the
-rows) give the median. Its peak memory is that of the timed generate() with the
-model loaded (CPU: peak resident set size, VmHWM, restarted after the warm-up once the model stands
-alone in the process; CUDA: max_memory_allocated). The run also measures the
-machine's own limits: matmul FLOP/s (2048 x 2048) and matrix-vector bandwidth, over the language
-model's weight matrices read in turn as a decoding step reads them (also printed: over the output layer
-alone, which a large CPU cache can hold between repeats, so it overstates what decoding can stream), and
-prints each figure's ratio to the limit it is bound by:
-  prefill limit = model FLOPs / matmul FLOP/s        decode limit = bytes of weights / streaming read
-The streaming read (a sum over each of those matrices in turn) is the honest decode limit: no
-matrix-vector kernel reads the weights faster. Threads: torch's default (one per core); the rows
-run one at a time, each in its own process, so none competes with another for the cores, and with
-OMP_WAIT_POLICY=PASSIVE unless `--omp-wait-policy` says otherwise (every row alike).
+tokens (a stopping criterion records them). Each measurement runs in its own subprocess after a warm-up
+generate() at the same shape (which also compiles the compiled rows); `--repeats` runs (interleaved across
+the rows) give the median. Its peak memory is that of the timed generate() with the model loaded (CPU: peak
+resident set size, VmHWM, restarted after the warm-up; CUDA: max_memory_allocated; llama.cpp: the peak
+resident set size of its whole process).
+
+Limits, measured in the same run: the prefill limit counts 2 FLOPs per weight and token (embeddings and head
+excluded) plus the sequence mixing (the SSM recurrence, 4 FLOPs per state element and token, or causal
+attention) over fp32 matmul FLOP/s (2048 x 2048). The decode limit is a streaming read: a sum over fp32
+matrices as large as the fp32 model's weight matrices, read in turn (515 MB at 130m, beyond any L3 cache),
+which no matrix-vector kernel can beat; each row's limit is that rate over its own weight bytes, and each row
+also prints the rate at which it streamed its weights (bytes of weights x tokens/s), beside llama.cpp's.
+
+Threads: torch's default (one per core) and llama.cpp's `-t` of the same number. OpenMP's wait policy is left
+to the environment unless `--omp-wait-policy` sets it (every torch row alike): libgomp's default spins a
+while at a barrier before sleeping, as llama.cpp's own thread pool polls; on cores shared with other busy
+jobs, PASSIVE (sleep at once) was 4-5 times faster for the eager rows (docs/PERFORMANCE.md).
 """
 
 import argparse
@@ -33,9 +46,11 @@ import ctypes
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,12 +82,10 @@ def build(impl: str, size: str, device: str, dtype: torch.dtype, **text_override
         text_config=text,
         image_token_id=50277,
     )
-    if impl in ("ours", "ours-graph", "hf-mamba2"):
+    if impl.startswith("ours") or impl == "hf-mamba2":
         ours = MLMambaForConditionalGeneration(config).to(device, dtype).eval()
-        if impl == "ours":
-            return ours
-        if impl == "ours-graph":
-            return ours.enable_decode_graphs()
+        if impl != "hf-mamba2":
+            return with_decode_mode(ours, impl)
         from transformers import Mamba2Config, Mamba2ForCausalLM
 
         d_inner = 2 * text["d_model"]
@@ -103,6 +116,34 @@ def build(impl: str, size: str, device: str, dtype: torch.dtype, **text_override
     return phi.to(device, dtype).eval()
 
 
+def with_decode_mode(model, impl: str):
+    """`model` set up for the decoding of row `impl` (ours, ours-compiled, ours-prepacked, ours-graph)."""
+    if impl in ("ours-compiled", "ours-graph"):
+        return model.enable_decode_graphs()
+    if impl == "ours-prepacked":
+        return model.enable_decode_graphs(prepack_weights=True)
+    return model
+
+
+def load_int8(folder: str, impl: str):
+    """Our model from `folder`, int8 weight-only through transformers' TorchAoConfig (see the docstring)."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    from mlmamba import MLMambaForConditionalGeneration
+
+    config = TorchAoConfig(Int8WeightOnlyConfig())
+    model = MLMambaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
+    return with_decode_mode(model.eval(), impl)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: an int8 weight of torchao counts its int8 data and its scales."""
+    if hasattr(t, "qdata"):
+        return t.qdata.numel() * t.qdata.element_size() + t.scale.numel() * t.scale.element_size()
+    return t.numel() * t.element_size()
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -131,16 +172,18 @@ def reset_cpu_peak() -> bool:
         return False
 
 
-def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
-    dtype = getattr(torch, dtype_name)
-    model = build(impl, size, device, dtype)
+def measure(impl, size, device, precision, prompt, batch, new_tokens, folder=None):
+    if precision == "int8":
+        model = load_int8(folder, impl)
+    else:
+        model = build(impl, size, device, PRECISIONS[precision])
     # The language model only: a decoding step reads every weight once, except an input embedding
     # that is not also the output layer (one row of it is read).
     lm = [(n, p) for n, p in model.named_parameters() if "vision_tower" not in n and "connector" not in n]
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     tied = embedding is head
-    weight_bytes = sum(p.numel() * p.element_size() for _, p in lm if tied or p is not embedding)
+    weight_bytes = sum(tensor_bytes(p) for _, p in lm if tied or p is not embedding)
     # prefill FLOPs: every weight but the embeddings and the head (computed for the last token only)
     n_params = sum(p.numel() for _, p in lm if p is not embedding and p is not head)
     # plus the sequence mixing that has no weights: the SSM recurrence (x B^T into the state and C out of it,
@@ -192,6 +235,7 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
         peak = rss_kib("VmHWM") / 2**20 if reset else float("nan")
     return dict(
         impl=impl,
+        precision=precision,
         prompt=prompt,
         batch=batch,
         prefill_ms=prefill * 1e3,
@@ -203,40 +247,24 @@ def measure(impl, size, device, dtype_name, prompt, batch, new_tokens):
     )
 
 
-def _matvec_bandwidth(weights, device, repeats, product=lambda v, w: v @ w.T):
-    """Bytes per second of `product(x, w)` (default `x @ w.T`) over the matrices in turn (what a decoding step
-    does with its weights)."""
-    vectors = [torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights]
-    for w, v in zip(weights, vectors):
-        product(v, w)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        for w, v in zip(weights, vectors):
-            product(v, w)
-    sync(device)
-    return repeats * sum(w.numel() * w.element_size() for w in weights) / (time.perf_counter() - t)
-
-
-def _stream_bandwidth(weights, device, repeats):
+def _stream_bandwidth(matrices, device, repeats):
     """Bytes per second of one streaming read of the matrices in turn (a sum of each): what any decoding
     step must at least do with its weights, whatever its matrix-vector kernel."""
-    for w in weights:
+    for w in matrices:
         w.sum()
     sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
-        for w in weights:
+        for w in matrices:
             w.sum()
     sync(device)
-    return repeats * sum(w.numel() * w.element_size() for w in weights) / (time.perf_counter() - t)
+    return repeats * sum(w.numel() * w.element_size() for w in matrices) / (time.perf_counter() - t)
 
 
-def machine_limits(device, dtype, size):
-    """matmul FLOP/s (2048 x 2048), and matrix-vector bandwidth twice: over the output layer alone (it can
-    stay in a large CPU cache between repeats) and over one matrix per weight matrix of the language model at
-    `size`, read in turn as a decoding step reads them (they cannot)."""
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+def machine_limits(device, size):
+    """fp32 matmul FLOP/s (2048 x 2048), and the streaming read rate over fp32 matrices shaped as the language
+    model's weight matrices at `size` (the output layer and every layer's in_proj and out_proj), in turn."""
+    a = torch.randn(2048, 2048, device=device)
     for _ in range(3):
         a @ a
     sync(device)
@@ -247,32 +275,118 @@ def machine_limits(device, dtype, size):
     flops = 10 * 2 * 2048**3 / (time.perf_counter() - t)
     c = SIZES[size]
     d, d_inner = c["d_model"], 2 * c["d_model"]
-    head = [torch.randn(c["vocab_size"], d, device=device, dtype=dtype)]
-    head_bandwidth = _matvec_bandwidth(head, device, repeats=20)
-    layers = [(2 * d_inner + 2 * c["d_state"] + d_inner // c["headdim"], d), (d, d_inner)] * c["n_layer"]
-    model = head + [torch.randn(shape, device=device, dtype=dtype) for shape in layers]
-    model_bandwidth = _matvec_bandwidth(model, device, repeats=5)
-    # oneDNN's linear on the same weights as they lie (an alternative to MKL's product on CPU)
-    onednn = None
-    if device == "cpu" and torch.backends.mkldnn.is_available():
-        linear = torch.ops.mkldnn._linear_pointwise
-        onednn = _matvec_bandwidth(model, device, 5, lambda v, w: linear(v, w, None, "none", [], ""))
-    stream = _stream_bandwidth(model, device, repeats=5)
-    del model, head
+    shapes = [(c["vocab_size"], d)] + [
+        (2 * d_inner + 2 * c["d_state"] + d_inner // c["headdim"], d),
+        (d, d_inner),
+    ] * c["n_layer"]
+    matrices = [torch.randn(shape, device=device) for shape in shapes]
+    stream = statistics.median(_stream_bandwidth(matrices, device, repeats=3) for _ in range(5))
+    del matrices
     if device == "cuda":
         torch.cuda.empty_cache()
-    return flops, head_bandwidth, model_bandwidth, onednn, stream
+    return flops, stream
+
+
+# ---- llama.cpp (optional rows) --------------------------------------------------------------------------
+
+GGUF_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
+
+
+def llama_cpp_rows(
+    llama_dir: Path, bench: Path | None, hf_folder: Path, work: Path, precisions, prompts, new_tokens, repeats, threads
+):
+    """llama-bench's prefill (pp) and decode (tg) on our weights converted by llama.cpp's own converter, one
+    llama-bench process per precision and prompt; an error row where a tool is missing or fails."""
+    bench = bench or llama_dir / "build" / "bin" / "llama-bench"
+    convert = llama_dir / "convert_hf_to_gguf.py"
+    rows = []
+    for precision in precisions:
+        kind = GGUF_TYPES[precision]
+        gguf = work / f"model-{kind}.gguf"
+        error = None
+        if not bench.exists() or not convert.exists():
+            error = f"no {bench} or {convert}: build llama-bench as the README says"
+        elif not gguf.exists():
+            env = dict(os.environ, PYTHONPATH=str(llama_dir / "gguf-py"))
+            cmd = [sys.executable, str(convert), str(hf_folder), "--outtype", kind, "--outfile", str(gguf)]
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if run.returncode:
+                error = "convert_hf_to_gguf failed: " + (run.stderr.strip().splitlines() or ["?"])[-1][:80]
+        for prompt in prompts:
+            row = dict(impl="llama.cpp", precision=precision, prompt=prompt, batch=1)
+            if error:
+                rows.append(dict(row, error=error))
+                continue
+            cmd = [str(bench), "-m", str(gguf), "-p", str(prompt), "-n", str(new_tokens), "-t", str(threads)]
+            cmd += ["-r", str(repeats), "-o", "json"]
+            returncode, peak_kib, out, err = _run_with_peak(cmd, work)
+            if returncode:
+                rows.append(dict(row, error=f"llama-bench exited {returncode}: " + err.strip()[-80:]))
+                continue
+            tests = json.loads(out)
+            pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
+            tg = next(t for t in tests if t["n_gen"] == new_tokens and t["n_prompt"] == 0)
+            pp_s = [n / 1e9 for n in pp["samples_ns"]]
+            tg_tps = tg["samples_ts"]
+            rows.append(
+                dict(
+                    row,
+                    prefill_ms=statistics.median(pp_s) * 1e3,
+                    prefill_ms_range=(min(pp_s) * 1e3, max(pp_s) * 1e3),
+                    decode_tps=statistics.median(tg_tps),
+                    decode_tps_range=(min(tg_tps), max(tg_tps)),
+                    peak_gib=peak_kib / 2**20,
+                    weight_bytes=pp["model_size"],
+                    n_params=None,
+                )
+            )
+    return rows
+
+
+def _run_with_peak(cmd, work: Path):
+    """Run `cmd`; its exit status, peak resident set size (KiB, from wait4), stdout and stderr."""
+    out_path, err_path = work / "stdout", work / "stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return proc.returncode, usage.ru_maxrss, out_path.read_text(), err_path.read_text()
+
+
+def save_folders(size: str, work: Path) -> tuple[Path, Path]:
+    """Our model (fp32, for the int8 rows to load through TorchAoConfig) and transformers' Mamba2 with the same
+    weights (for llama.cpp's converter), saved under `work`."""
+    ours, hf = work / "ours", work / "hf-mamba2"
+    build("ours", size, "cpu", torch.float32).save_pretrained(ours)
+    build("hf-mamba2", size, "cpu", torch.float32).save_pretrained(hf)
+    return ours, hf
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="130m")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--prompts", type=int, nargs="+", default=[829, 2048])
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=sorted(PRECISIONS),
+        default=None,
+        help="default: fp32 bf16 int8 on CPU, bf16 on CUDA",
+    )
+    parser.add_argument("--prompts", type=int, nargs="+", default=[829])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--impls", nargs="+", default=None, help="default: ours hf-mamba2 phi, and ours-graph on CUDA")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        help="default: ours ours-compiled ours-prepacked hf-mamba2 on CPU; ours ours-graph hf-mamba2 on CUDA",
+    )
+    parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree with build/bin/llama-bench built")
+    parser.add_argument("--llama-bench", type=Path, help="llama-bench elsewhere than build/bin of --llama-cpp")
     parser.add_argument(
         "--repeats",
         type=int,
@@ -281,78 +395,97 @@ def main():
     )
     parser.add_argument(
         "--omp-wait-policy",
-        default="PASSIVE",
-        help="OMP_WAIT_POLICY of every measured row (default PASSIVE: OpenMP threads sleep at barriers instead "
-        "of spinning, which on cores shared with other jobs was 4-5 times faster; '' keeps the environment's)",
+        default="",
+        help="OMP_WAIT_POLICY of every torch row (default '': the environment's; PASSIVE helps on cores that "
+        "other jobs share)",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    parser.add_argument("--folder", help=argparse.SUPPRESS)  # internal: the saved model for the int8 rows
     args = parser.parse_args()
-    dtype_name = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.precisions is None:
+        args.precisions = ["fp32", "bf16", "int8"] if args.device == "cpu" else ["bf16"]
     if args.impls is None:
-        args.impls = ["ours", *(["ours-graph"] if args.device == "cuda" else []), "hf-mamba2", "phi"]
+        cpu_rows = ["ours-compiled", "ours-prepacked"]
+        args.impls = ["ours", *(cpu_rows if args.device == "cpu" else ["ours-graph"]), "hf-mamba2"]
     if args.one:
-        impl, prompt, batch = args.one.split(",")
-        print(json.dumps(measure(impl, args.size, args.device, dtype_name, int(prompt), int(batch), args.new_tokens)))
+        impl, precision, prompt, batch = args.one.split(",")
+        row = measure(impl, args.size, args.device, precision, int(prompt), int(batch), args.new_tokens, args.folder)
+        print(json.dumps(row))
         return
 
     env = dict(os.environ)
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when OpenMP loads: it applies to the rows only
-    flops, head_bandwidth, matvec, onednn, bandwidth = machine_limits(
-        args.device, getattr(torch, dtype_name), args.size
-    )
+    threads = torch.get_num_threads()
+    flops, bandwidth = machine_limits(args.device, args.size)
     print(
-        f"machine: {args.device}, {dtype_name}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', 'unset')} in the rows "
-        f"({os.environ.get('OMP_WAIT_POLICY', 'unset')} for the limits); matmul {flops / 1e9:.0f} GFLOP/s; "
-        f"streaming read {bandwidth / 1e9:.1f} GB/s over a {args.size} model's weight matrices in turn "
-        f"(the decode limit); matrix-vector over them {matvec / 1e9:.1f} GB/s (x @ w.T)"
-        + (f", {onednn / 1e9:.1f} GB/s (oneDNN linear)" if onednn else "")
-        + f", {head_bandwidth / 1e9:.1f} GB/s repeating the output layer alone"
+        f"machine: {args.device}, {threads} threads, OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', 'unset')} in the "
+        f"torch rows; fp32 matmul {flops / 1e9:.0f} GFLOP/s; streaming read {bandwidth / 1e9:.1f} GB/s over a "
+        f"{args.size} model's fp32 weight matrices in turn (the decode limit: that rate over each row's weight bytes)"
     )
-    cases = [(prompt, batch, impl) for prompt in args.prompts for batch in args.batch for impl in args.impls]
-    runs = {case: [] for case in cases}
-    for repeat in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
-        for prompt, batch, impl in cases:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--one",
-                f"{impl},{prompt},{batch}",
-                "--size",
-                args.size,
-                "--device",
-                args.device,
-                "--dtype",
-                dtype_name,
-                "--new-tokens",
-                str(args.new_tokens),
-            ]
-            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if run.returncode:
-                tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
-                runs[(prompt, batch, impl)].append(dict(impl=impl, prompt=prompt, batch=batch, error=tail[:80]))
-            else:
-                runs[(prompt, batch, impl)].append(json.loads(run.stdout.strip().splitlines()[-1]))
-        print(f"(run {repeat + 1} of {args.repeats} done)", flush=True)
-    rows = [_median(results) for results in runs.values()]
+    work = Path(tempfile.mkdtemp(prefix="bench_generate-"))
+    try:
+        ours_folder, hf_folder = None, None
+        if "int8" in args.precisions or args.llama_cpp:
+            ours_folder, hf_folder = save_folders(args.size, work)
+        cases = [
+            (prompt, batch, impl, precision)
+            for precision in args.precisions
+            for prompt in args.prompts
+            for batch in args.batch
+            for impl in args.impls
+            if not (precision == "int8" and impl in ("hf-mamba2", "phi"))  # int8 rows: ours only
+        ]
+        runs = {case: [] for case in cases}
+        for repeat in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
+            for prompt, batch, impl, precision in cases:
+                cmd = [sys.executable, __file__, "--one", f"{impl},{precision},{prompt},{batch}", "--size", args.size]
+                cmd += ["--device", args.device, "--new-tokens", str(args.new_tokens), "--folder", str(ours_folder)]
+                run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                row = dict(impl=impl, precision=precision, prompt=prompt, batch=batch)
+                if run.returncode:
+                    tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
+                    runs[(prompt, batch, impl, precision)].append(dict(row, error=tail[:80]))
+                else:
+                    runs[(prompt, batch, impl, precision)].append(json.loads(run.stdout.strip().splitlines()[-1]))
+            print(f"(run {repeat + 1} of {args.repeats} done)", flush=True)
+        rows = [_median(results) for results in runs.values()]
+        if args.llama_cpp:
+            rows += llama_cpp_rows(
+                args.llama_cpp,
+                args.llama_bench,
+                hf_folder,
+                work,
+                args.precisions,
+                args.prompts,
+                args.new_tokens,
+                args.repeats,
+                threads,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows.sort(key=lambda r: (args.precisions.index(r["precision"]), r["prompt"], r["batch"]))
     print(f"\nmedians of {args.repeats} runs (spread min-max):")
     for row in rows:
         print(_fmt(row, flops, bandwidth))
-    print("\nratios (ours / other; > 1 means ours is better):")
-    for prompt in args.prompts:
-        for batch in args.batch:
-            by = {r["impl"]: r for r in rows if r["prompt"] == prompt and r["batch"] == batch and "error" not in r}
-            if "ours" not in by:
-                continue
-            for other in (i for i in by if i != "ours"):
-                o, x = by["ours"], by[other]
-                print(
-                    f"  prompt {prompt:>6} batch {batch}: vs {other:<9} "
-                    f"prefill x{x['prefill_ms'] / o['prefill_ms']:.2f}"
-                    f"  decode x{o['decode_tps'] / x['decode_tps']:.2f}"
-                    f"  peak memory x{x['peak_gib'] / o['peak_gib']:.2f}"
-                )
+    print("\nratios (ours-* / other; > 1 means ours is better):")
+    for precision in args.precisions:
+        for prompt in args.prompts:
+            for batch in args.batch:
+                by = {
+                    r["impl"]: r
+                    for r in rows
+                    if (r["precision"], r["prompt"], r["batch"]) == (precision, prompt, batch) and "error" not in r
+                }
+                for mine in (i for i in by if i.startswith("ours")):
+                    for other in (i for i in by if not i.startswith("ours")):
+                        o, x = by[mine], by[other]
+                        print(
+                            f"  {precision} prompt {prompt:>6} batch {batch}: {mine:<14} vs {other:<9} "
+                            f"prefill x{x['prefill_ms'] / o['prefill_ms']:.2f}"
+                            f"  decode x{o['decode_tps'] / x['decode_tps']:.2f}"
+                            f"  peak memory x{x['peak_gib'] / o['peak_gib']:.2f}"
+                        )
 
 
 def _median(results):
@@ -369,19 +502,24 @@ def _median(results):
 
 
 def _fmt(r, flops, bandwidth):
+    name = f"{r['impl']:<14} {r['precision']:<4} prompt {r['prompt']:>6} batch {r['batch']}:"
     if "error" in r:
-        return f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: {r['error']}"
-    prefill_limit = (2 * r["n_params"] * r["prompt"] * r["batch"] + r["mixing_flops"]) / flops * 1e3
+        return f"{name} {r['error']}"
+    prefill = f"prefill {r['prefill_ms']:8.0f} ms"
+    if r.get("n_params"):
+        prefill_limit = (2 * r["n_params"] * r["prompt"] * r["batch"] + r["mixing_flops"]) / flops * 1e3
+        prefill += f" ({prefill_limit / r['prefill_ms']:4.0%} of fp32 FLOP/s)"
+    else:
+        prefill += " " * 22
     decode_limit = bandwidth / r["weight_bytes"] * r["batch"]
+    streamed = r["weight_bytes"] * r["decode_tps"] / r["batch"] / 1e9
     spread = ""
     if "prefill_ms_range" in r:
         (p0, p1), (d0, d1) = r["prefill_ms_range"], r["decode_tps_range"]
         spread = f"  [prefill {p0:.0f}-{p1:.0f} ms, decode {d0:.1f}-{d1:.1f}]"
     return (
-        f"{r['impl']:<10} prompt {r['prompt']:>6} batch {r['batch']}: prefill {r['prefill_ms']:8.0f} ms "
-        f"(limit {prefill_limit:6.0f} ms, {prefill_limit / r['prefill_ms']:4.0%})  "
-        f"decode {r['decode_tps']:7.1f} tok/s "
-        f"(limit {decode_limit:6.1f}, {r['decode_tps'] / decode_limit:4.0%})  peak {r['peak_gib']:.2f} GiB{spread}"
+        f"{name} {prefill}  decode {r['decode_tps']:7.1f} tok/s (limit {decode_limit:6.1f}; weights "
+        f"{r['weight_bytes'] / 1e6:4.0f} MB streamed at {streamed:5.1f} GB/s)  peak {r['peak_gib']:.2f} GiB{spread}"
     )
 
 
