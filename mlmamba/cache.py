@@ -203,8 +203,19 @@ def compile_decode_step(model, backend: str, prepack_weights: bool = False):
         f = step.__func__
         fresh = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
         step = types.MethodType(fresh, model)
-    options = PREPACK_OPTIONS if prepack_weights and backend == "inductor" else None
-    return torch.compile(step, backend=backend, fullgraph=True, dynamic=False, options=options)
+    compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+    if not (prepack_weights and backend == "inductor"):
+        return compiled
+    from torch._inductor import config as inductor_config
+
+    def prepacked(*args):
+        # The settings must hold while inductor compiles, which happens inside a call (the first one at each
+        # batch size). Given as torch.compile(options=...) instead, the step ran at the speed of the plain
+        # compile (docs/PERFORMANCE.md).
+        with inductor_config.patch(PREPACK_OPTIONS):
+            return compiled(*args)
+
+    return prepacked
 
 
 class DecodeGraph:
