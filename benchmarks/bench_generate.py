@@ -353,13 +353,12 @@ def _run_with_peak(cmd, work: Path):
     return proc.returncode, usage.ru_maxrss, out_path.read_text(), err_path.read_text()
 
 
-def save_folders(size: str, work: Path) -> tuple[Path, Path]:
-    """Our model (fp32, for the int8 rows to load through TorchAoConfig) and transformers' Mamba2 with the same
-    weights (for llama.cpp's converter), saved under `work`."""
-    ours, hf = work / "ours", work / "hf-mamba2"
-    build("ours", size, "cpu", torch.float32).save_pretrained(ours)
-    build("hf-mamba2", size, "cpu", torch.float32).save_pretrained(hf)
-    return ours, hf
+def save_folder(impl: str, size: str, work: Path) -> Path:
+    """`impl` (ours, or hf-mamba2 for llama.cpp's converter) in fp32, saved under `work`; the int8 rows load ours
+    from there through TorchAoConfig."""
+    folder = work / impl
+    build(impl, size, "cpu", torch.float32).save_pretrained(folder)
+    return folder
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None}
@@ -425,9 +424,7 @@ def main():
     )
     work = Path(tempfile.mkdtemp(prefix="bench_generate-"))
     try:
-        ours_folder, hf_folder = None, None
-        if "int8" in args.precisions or args.llama_cpp:
-            ours_folder, hf_folder = save_folders(args.size, work)
+        ours_folder = save_folder("ours", args.size, work) if "int8" in args.precisions else None
         cases = [
             (prompt, batch, impl, precision)
             for precision in args.precisions
@@ -454,7 +451,7 @@ def main():
             rows += llama_cpp_rows(
                 args.llama_cpp,
                 args.llama_bench,
-                hf_folder,
+                save_folder("hf-mamba2", args.size, work),
                 work,
                 args.precisions,
                 args.prompts,

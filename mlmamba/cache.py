@@ -237,11 +237,9 @@ class DecodeGraph:
         self.model, self.cache = model, cache
         self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.layer_states(0)[0].device)
         self.graph = self.logits = None
-        self.compiled = None
+        self.compiled = None if self.ids.is_cuda else compiled
         if self.ids.is_cuda:
             self._capture()
-        else:
-            self.compiled = compiled
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -261,14 +259,13 @@ class DecodeGraph:
 
     @torch.no_grad()
     def step(self, ids: torch.LongTensor) -> torch.Tensor:
-        if self.compiled is not None:
-            # Always the same input tensor: the ids generate() hands in are views of its growing sequence,
-            # with a new stride each step, and a compiled graph specialised on strides would recompile.
-            self.ids.copy_(ids)
-            return self.compiled(self.ids, self.cache)
-        if self.graph is None:
+        if self.graph is None and self.compiled is None:
             return self.model._decode_logits(ids, self.cache)
+        # Both graphs read one input tensor: a CUDA graph reads fixed addresses, and the ids generate() hands in
+        # are views of its growing sequence, a new stride each step, on which a compiled graph would recompile.
         self.ids.copy_(ids)
+        if self.compiled is not None:
+            return self.compiled(self.ids, self.cache)
         self.graph.replay()
         return self.logits
 

@@ -57,13 +57,18 @@ def chat_inputs(processor, question: str, image=None, answer: str | None = None,
 FAMILIES = ["mlmamba-tiny", "cobra-tiny", "vlmamba-tiny"]  # Mamba-2 + MSC, Mamba-1 + MLP, Mamba-1 + VSS (CSM)
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
-def family(request):
-    """Each model family at its tiny size, with language model and connector weights at unit scale."""
-    model, processor = random_model(request.param, seed=0)
+def unit_scale_model(preset: str):
+    """A family's tiny model (eval mode) and processor, with language model and connector weights at unit scale."""
+    model, processor = random_model(preset, seed=0)
     spread_weights(model.model.language_model, seed=1)
     spread_weights(model.model.connector, seed=2)
     return model.eval(), processor
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    """Each model family at its tiny size, with language model and connector weights at unit scale."""
+    return unit_scale_model(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,7 @@ Every test runs for each model family (`family` in conftest): ML-Mamba (Mamba-2 
 MLP projector) and VL-Mamba (Mamba-1 + VSS with the cross scan)."""
 
 import torch
-from conftest import chat_inputs, make_image, spread_weights
-
-from mlmamba.convert import random_model
+from conftest import chat_inputs, make_image, unit_scale_model
 
 
 def _prompt(processor, question):
@@ -297,10 +295,7 @@ def test_prepacked_decode_step_equals_the_plain_path_and_follows_new_weights():
     """`enable_decode_graphs(prepack_weights=True)` freezes the weights into the compiled step (inductor's own
     matrix kernels): the same greedy tokens and scores as eager (Mamba-2 model, weights at unit scale); after the
     weights change, enabling it again compiles the new weights in, and its tokens follow them."""
-    model, processor = random_model("mlmamba-tiny", seed=0)
-    spread_weights(model.model.language_model, seed=1)
-    spread_weights(model.model.connector, seed=2)
-    model.eval()
+    model, processor = unit_scale_model("mlmamba-tiny")  # its own: the test changes a weight
     inputs = chat_inputs(processor, "Which digit is this?", make_image(24))
     scored = dict(GREEDY, output_scores=True, return_dict_in_generate=True)
     out_proj = model.model.language_model.layers[-1].mixer.out_proj.weight

@@ -9,10 +9,10 @@ the compiled, prepacked decoding step gives the tokens and scores of the int8 mo
 
 import pytest
 import torch
-from conftest import chat_inputs, make_image, spread_weights
+from conftest import chat_inputs, make_image, unit_scale_model
 
 from mlmamba import MLMambaForConditionalGeneration
-from mlmamba.convert import random_model, save_folder
+from mlmamba.convert import save_folder
 
 torchao = pytest.importorskip("torchao")  # the `quantize` extra; the dev install has it
 from torchao.quantization import Int8WeightOnlyConfig  # noqa: E402
@@ -21,10 +21,8 @@ from transformers import TorchAoConfig  # noqa: E402
 
 @pytest.fixture(scope="module")
 def int8_and_reference(tmp_path_factory):
-    model, processor = random_model("mlmamba-tiny", seed=0)
-    spread_weights(model.model.language_model, seed=1)
-    spread_weights(model.model.connector, seed=2)
-    folder = save_folder(model.eval(), processor, tmp_path_factory.mktemp("unit-scale"))
+    model, processor = unit_scale_model("mlmamba-tiny")
+    folder = save_folder(model, processor, tmp_path_factory.mktemp("unit-scale"))
     int8 = MLMambaForConditionalGeneration.from_pretrained(
         folder, dtype=torch.bfloat16, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
     )
