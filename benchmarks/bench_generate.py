@@ -24,9 +24,10 @@ tied to the input embedding, in bf16 (77 MB of a step's 168 MB at 130m), where Q
 Prefill = time to the first generated token; decode tokens/s from the time stamps of the following
 tokens (a stopping criterion records them). Each measurement runs in its own subprocess after a warm-up
 generate() at the same shape (which also compiles the compiled rows); `--repeats` runs (interleaved across
-the rows) give the median. Its peak memory is that of the timed generate() with the model loaded (CPU: peak
-resident set size, VmHWM, restarted after the warm-up; CUDA: max_memory_allocated; llama.cpp: the peak
-resident set size of its whole process).
+the rows, llama.cpp's included: one llama-bench run, after its own warm-up, per repeat) give the median.
+Its peak memory is that of the timed generate() with the model loaded (CPU: peak resident set size, VmHWM,
+restarted after the warm-up; CUDA: max_memory_allocated; llama.cpp: the peak resident set size of its whole
+process).
 
 Limits, measured in the same run: the prefill limit counts 2 FLOPs per weight and token (embeddings and head
 excluded) plus the sequence mixing (the SSM recurrence, 4 FLOPs per state element and token, or causal
@@ -292,55 +293,53 @@ def machine_limits(device, size):
 GGUF_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
 
 
-def llama_cpp_rows(
-    llama_dir: Path, bench: Path | None, hf_folder: Path, work: Path, precisions, prompts, new_tokens, repeats, threads
-):
-    """llama-bench's prefill (pp) and decode (tg) on our weights converted by llama.cpp's own converter, one
-    llama-bench process per precision and prompt; an error row where a tool is missing or fails."""
-    bench = bench or llama_dir / "build" / "bin" / "llama-bench"
-    convert = llama_dir / "convert_hf_to_gguf.py"
-    rows = []
-    for precision in precisions:
-        kind = GGUF_TYPES[precision]
-        gguf = work / f"model-{kind}.gguf"
-        error = None
-        if not bench.exists() or not convert.exists():
-            error = f"no {bench} or {convert}: build llama-bench as the README says"
-        elif not gguf.exists():
-            env = dict(os.environ, PYTHONPATH=str(llama_dir / "gguf-py"))
-            cmd = [sys.executable, str(convert), str(hf_folder), "--outtype", kind, "--outfile", str(gguf)]
-            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if run.returncode:
-                error = "convert_hf_to_gguf failed: " + (run.stderr.strip().splitlines() or ["?"])[-1][:80]
-        for prompt in prompts:
-            row = dict(impl="llama.cpp", precision=precision, prompt=prompt, batch=1)
-            if error:
-                rows.append(dict(row, error=error))
-                continue
-            cmd = [str(bench), "-m", str(gguf), "-p", str(prompt), "-n", str(new_tokens), "-t", str(threads)]
-            cmd += ["-r", str(repeats), "-o", "json"]
-            returncode, peak_kib, out, err = _run_with_peak(cmd, work)
-            if returncode:
-                rows.append(dict(row, error=f"llama-bench exited {returncode}: " + err.strip()[-80:]))
-                continue
-            tests = json.loads(out)
-            pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
-            tg = next(t for t in tests if t["n_gen"] == new_tokens and t["n_prompt"] == 0)
-            pp_s = [n / 1e9 for n in pp["samples_ns"]]
-            tg_tps = tg["samples_ts"]
-            rows.append(
-                dict(
-                    row,
-                    prefill_ms=statistics.median(pp_s) * 1e3,
-                    prefill_ms_range=(min(pp_s) * 1e3, max(pp_s) * 1e3),
-                    decode_tps=statistics.median(tg_tps),
-                    decode_tps_range=(min(tg_tps), max(tg_tps)),
-                    peak_gib=peak_kib / 2**20,
-                    weight_bytes=pp["model_size"],
-                    n_params=None,
-                )
+class LlamaCpp:
+    """llama-bench's prefill (pp) and decode (tg) on our weights converted by llama.cpp's own converter:
+    `convert(precision)` once, then `measure(precision, prompt)` once per repeat (one llama-bench run, so that
+    its repeats interleave with ours); an error row where a tool is missing or fails."""
+
+    def __init__(self, llama_dir: Path, bench: Path | None, hf_folder: Path, work: Path, new_tokens, threads):
+        self.dir, self.bench = llama_dir, bench or llama_dir / "build" / "bin" / "llama-bench"
+        self.hf_folder, self.work, self.new_tokens, self.threads = hf_folder, work, new_tokens, threads
+        self.errors = {}  # precision -> why its rows cannot run
+
+    def gguf(self, precision: str) -> Path:
+        return self.work / f"model-{GGUF_TYPES[precision]}.gguf"
+
+    def convert(self, precision: str) -> None:
+        convert = self.dir / "convert_hf_to_gguf.py"
+        if not self.bench.exists() or not convert.exists():
+            self.errors[precision] = f"no {self.bench} or {convert}: build llama-bench as the README says"
+            return
+        env = dict(os.environ, PYTHONPATH=str(self.dir / "gguf-py"))
+        kind, out = GGUF_TYPES[precision], self.gguf(precision)
+        cmd = [sys.executable, str(convert), str(self.hf_folder), "--outtype", kind, "--outfile", str(out)]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if run.returncode:
+            self.errors[precision] = (
+                "convert_hf_to_gguf failed: " + (run.stderr.strip().splitlines() or ["?"])[-1][:80]
             )
-    return rows
+
+    def measure(self, precision: str, prompt: int) -> dict:
+        row = dict(impl="llama.cpp", precision=precision, prompt=prompt, batch=1)
+        if precision in self.errors:
+            return dict(row, error=self.errors[precision])
+        cmd = [str(self.bench), "-m", str(self.gguf(precision)), "-p", str(prompt), "-n", str(self.new_tokens)]
+        cmd += ["-t", str(self.threads), "-r", "1", "-o", "json"]
+        returncode, peak_kib, out, err = _run_with_peak(cmd, self.work)
+        if returncode:
+            return dict(row, error=f"llama-bench exited {returncode}: " + err.strip()[-80:])
+        tests = json.loads(out)
+        pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
+        tg = next(t for t in tests if t["n_gen"] == self.new_tokens and t["n_prompt"] == 0)
+        return dict(
+            row,
+            prefill_ms=pp["avg_ns"] / 1e6,
+            decode_tps=tg["avg_ts"],
+            peak_gib=peak_kib / 2**20,
+            weight_bytes=pp["model_size"],
+            n_params=None,
+        )
 
 
 def _run_with_peak(cmd, work: Path):
@@ -433,9 +432,19 @@ def main():
             for impl in args.impls
             if not (precision == "int8" and impl in ("hf-mamba2", "phi"))  # int8 rows: ours only
         ]
+        llama = None
+        if args.llama_cpp:
+            hf_folder = save_folder("hf-mamba2", args.size, work)
+            llama = LlamaCpp(args.llama_cpp, args.llama_bench, hf_folder, work, args.new_tokens, threads)
+            for precision in args.precisions:
+                llama.convert(precision)
+            cases += [(prompt, 1, "llama.cpp", precision) for precision in args.precisions for prompt in args.prompts]
         runs = {case: [] for case in cases}
         for repeat in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every row alike
             for prompt, batch, impl, precision in cases:
+                if impl == "llama.cpp":
+                    runs[(prompt, batch, impl, precision)].append(llama.measure(precision, prompt))
+                    continue
                 cmd = [sys.executable, __file__, "--one", f"{impl},{precision},{prompt},{batch}", "--size", args.size]
                 cmd += ["--device", args.device, "--new-tokens", str(args.new_tokens), "--folder", str(ours_folder)]
                 run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -447,18 +456,6 @@ def main():
                     runs[(prompt, batch, impl, precision)].append(json.loads(run.stdout.strip().splitlines()[-1]))
             print(f"(run {repeat + 1} of {args.repeats} done)", flush=True)
         rows = [_median(results) for results in runs.values()]
-        if args.llama_cpp:
-            rows += llama_cpp_rows(
-                args.llama_cpp,
-                args.llama_bench,
-                save_folder("hf-mamba2", args.size, work),
-                work,
-                args.precisions,
-                args.prompts,
-                args.new_tokens,
-                args.repeats,
-                threads,
-            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows.sort(key=lambda r: (args.precisions.index(r["precision"]), r["prompt"], r["batch"]))
