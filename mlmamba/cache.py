@@ -187,8 +187,15 @@ def as_state_cache(cache, config: MLMambaTextConfig, batch_size: int, dtype, dev
 
 # inductor settings of `enable_decode_graphs(prepack_weights=True)`: freezing makes the weights constants of
 # the graph, which lets max-autotune pick its C++ matrix kernels with the weights copied once into their
-# blocked layout (on CPU faster than MKL's and oneDNN's matrix-vector products on bf16 and int8 weights).
-PREPACK_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# blocked layout (on CPU faster than MKL's and oneDNN's matrix-vector products on bf16 and int8 weights);
+# cpp_wrapper calls the step's ~100 kernels from C++ instead of a generated Python function, whose per-call
+# cost is a few percent of a 130m step (docs/PERFORMANCE.md).
+PREPACK_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "cpp_wrapper": True,
+}
 
 
 def compile_decode_step(model, backend: str, prepack_weights: bool = False):
