@@ -9,6 +9,9 @@ module attributes). A folder that names the class under the one model `auto_map`
 which accepts only the class names of transformers' built-in tables. When one of these tests fails, transformers
 has started to serve remote-code models: update the README's "Serving" section and turn this file into a test of
 the served answer.
+
+From transformers 5.25 the loading is `ModelLoader._load_model` (each model in a process of its own), which no
+longer reads `AutoModelForDecision` either: that folder is refused at loading too.
 """
 
 import importlib.util
