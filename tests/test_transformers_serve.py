@@ -61,21 +61,12 @@ class _ServerLoader:
             return self.loader.load_model_and_processor(str(folder))
         return self.manager.load_model_and_processor(self.manager.process_model_name(str(folder)))
 
-    def modality(self, model, processor):
-        if self.loader is not None:
-            modality = self.loader.get_model_modality(model.config, processor=processor)
-            if modality is None:
-                raise ValueError(f"Unknown modality for: {type(model).__name__}")
-            return modality
-        return self.manager.modality(model, processor)
+    def modality(self, model, processor):  # up to 5.24 only: 5.25 refuses these folders at loading
+        return self.manager.get_model_modality(model, processor=processor)
 
     def shutdown(self):
         if self.manager is not None:
             self.manager.shutdown()
-
-
-def _model_manager():
-    return _ServerLoader()
 
 
 def _free_port() -> int:
@@ -110,7 +101,7 @@ def test_importing_the_package_first_does_not_help(tiny_folder):
     import mlmamba  # noqa: F401  (registers the classes with the Auto classes, as a launcher script would)
 
     assert not hasattr(transformers, ARCHITECTURE)  # registered with the Auto classes, not as a module attribute
-    manager = _model_manager()
+    manager = _ServerLoader()
     try:
         with pytest.raises(AttributeError, match=NO_ATTRIBUTE):
             manager.load(tiny_folder)
@@ -127,7 +118,7 @@ def test_a_folder_the_server_loads_is_refused_at_every_request(tiny_folder, tmp_
     config["auto_map"]["AutoModelForDecision"] = f"modeling_mlmamba.{ARCHITECTURE}"
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
-    manager = _model_manager()
+    manager = _ServerLoader()
     try:
         if manager.loader is not None:  # transformers >= 5.25 no longer reads that entry: refused at loading
             with pytest.raises(AttributeError, match=NO_ATTRIBUTE):
