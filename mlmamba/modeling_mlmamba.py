@@ -115,7 +115,18 @@ class MLMambaPreTrainedModel(PreTrainedModel):
         `output_loading_info=True` (the caller reads the missing keys) and a given `state_dict` load as
         transformers does."""
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except NotImplementedError as error:
+            if "aten.equal" not in str(error):
+                raise
+            raise NotImplementedError(
+                "this folder holds torchao-quantized weights for both the input embedding and the output layer "
+                "tied to it (as saved from a model loaded with mlmamba.quantization.int8_weight_only_config()); "
+                "transformers cannot load that back (its tied-weights check calls torch.equal, which torchao's "
+                "quantized tensors do not implement). Load the unquantized folder with "
+                "quantization_config=int8_weight_only_config() instead: it quantizes as it loads."
+            ) from error
         # Asking for the loading info, or handing over the weights (`state_dict`), means the caller looks at them.
         if not wants_info and kwargs.get("state_dict") is None:
             check_loaded_weights(info, ignore_mismatched=kwargs.get("ignore_mismatched_sizes", False))
@@ -397,10 +408,14 @@ def _check_extra_kwargs(kwargs: dict) -> None:
         raise TypeError(f"MLMambaForConditionalGeneration.forward() got unexpected arguments {unknown}")
 
 
+# The input embedding the output layer is tied to (quantization.py names it too).
+TIED_EMBEDDING = "model.language_model.embedding"
+
+
 class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin, DecodeGraphs):
     """ML-Mamba with a language-modelling head: image(s) + text -> next-token logits, and `generate()`."""
 
-    _tied_weights_keys = tied_weights_keys("lm_head.weight", "model.language_model.embedding.weight")
+    _tied_weights_keys = tied_weights_keys("lm_head.weight", f"{TIED_EMBEDDING}.weight")
 
     def __init__(self, config: MLMambaConfig):
         super().__init__(config)
