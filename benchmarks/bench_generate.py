@@ -17,9 +17,9 @@ Implementations, all with the same random weights where they share an architectu
                  state: a Mamba's step costs the same at any position).
 
 Precisions (`--precisions`): fp32; bf16 (`dtype=torch.bfloat16`; the SSM state stays fp32); int8, the model
-loaded through transformers' route with `quantization_config=TorchAoConfig(Int8WeightOnlyConfig())`: int8
-weights with a scale per row for every linear layer, bf16 activations. transformers leaves the output layer,
-tied to the input embedding, in bf16 (77 MB of a step's 168 MB at 130m), where Q8_0 quantizes it too (138 MB).
+loaded through transformers' route with `quantization_config=mlmamba.quantization.int8_weight_only_config()`
+(a TorchAoConfig): int8 weights with a scale per row for every linear layer and for the input embedding, which
+the output layer is tied to (as Q8_0 quantizes both; at 130m its 39 MB of a step's 130 MB), bf16 activations.
 
 Prefill = time to the first generated token; decode tokens/s from the time stamps of the following
 tokens (a stopping criterion records them). Each measurement runs in its own subprocess after a warm-up
@@ -126,14 +126,13 @@ def with_decode_mode(model, impl: str):
     return model
 
 
-def load_int8(folder: str, impl: str):
-    """Our model from `folder`, int8 weight-only through transformers' TorchAoConfig (see the docstring)."""
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
-
+def load_int8(folder: str, impl: str, output_layer: bool = True):
+    """Our model from `folder`, int8 weight-only through transformers' TorchAoConfig (see the docstring);
+    `output_layer=False`: the plain `TorchAoConfig(Int8WeightOnlyConfig())`, which leaves it bf16."""
     from mlmamba import MLMambaForConditionalGeneration
+    from mlmamba.quantization import int8_weight_only_config
 
-    config = TorchAoConfig(Int8WeightOnlyConfig())
+    config = int8_weight_only_config(output_layer)
     model = MLMambaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config)
     return with_decode_mode(model.eval(), impl)
 

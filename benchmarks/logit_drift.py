@@ -7,7 +7,9 @@ scale (`tests/references.spread_weights`: matrices N(0, 1/fan_in)), so that ever
 default initialisation leaves them close to the embedding's). The modes, each loaded from the same saved
 folder as bench_generate loads them:
   bf16   dtype=torch.bfloat16 (SSM state and its update in fp32)
-  int8   TorchAoConfig(Int8WeightOnlyConfig(), ...) as bench_generate's int8 rows (bf16 activations)
+  int8   int8_weight_only_config(): every linear layer and the tied embedding / output layer in int8, as
+         bench_generate's int8 rows (bf16 activations)
+  int8-linear   the plain TorchAoConfig(Int8WeightOnlyConfig()): the output layer stays bf16
 Compared with fp32 on the prompt's logits (one prefill) and on the logits of decoding steps that all modes take
 on the same tokens (fp32's greedy continuation, fed to each), with the state cache: the rms difference, the
 largest one, both beside the spread (std) of the fp32 logits, and how often the top-1 token is the same.
@@ -43,7 +45,7 @@ def compare(name: str, what: str, ref: torch.Tensor, got: torch.Tensor) -> str:
     rms, worst, spread = diff.pow(2).mean().sqrt(), diff.abs().max(), ref.std()
     same = (got.argmax(-1) == ref.argmax(-1)).float().mean()
     return (
-        f"{name:<5} {what:<8} rms {rms:.4f} ({rms / spread:.2%} of the logits' std {spread:.3f}), "
+        f"{name:<11} {what:<8} rms {rms:.4f} ({rms / spread:.2%} of the logits' std {spread:.3f}), "
         f"max {worst:.3f}, same top-1 token {same:.1%}"
     )
 
@@ -69,6 +71,7 @@ def main():
         modes = {
             "bf16": lambda: MLMambaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval(),
             "int8": lambda: load_int8(folder, "ours"),
+            "int8-linear": lambda: load_int8(folder, "ours", output_layer=False),
         }
         for name, load in modes.items():
             prefill, steps = logits_of(load(), prompt, continuation)
