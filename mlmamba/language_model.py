@@ -1,5 +1,6 @@
 """The Mamba language model: mamba_ssm's `MixerModel` layout (embedding, layers.N.{norm,mixer}, norm_f).
 
+TokenEmbedding          nn.Embedding that reads only the looked-up rows of an int8 table
 MLMambaBlock            pre-norm block around a Mamba-2 or Mamba-1 mixer (by `text_config.ssm_layer`)
 MLMambaLanguageModel    the blocks and the final norm, with chunked prefill and packed sequences
 packed_sequence_index   which sequence each token of a padding-free (packed) batch belongs to
@@ -22,6 +23,22 @@ logger = logging.get_logger(__name__)
 
 # The mixer class by `ssm_layer` (mamba_ssm's `ssm_cfg["layer"]`), for the language model and the connectors.
 MIXERS = {"Mamba2": Mamba2Mixer, "Mamba1": Mamba1Mixer}
+
+
+class TokenEmbedding(nn.Embedding):
+    """nn.Embedding whose table may be torchao's int8 with a scale per row (`int8_weight_only_config()`, which
+    quantizes the output layer tied to it): torchao's own lookup dequantizes the whole table at every call
+    (180-400 ms a decoding step at 130m, for one row); this one dequantizes the rows it looks up."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = self.weight
+        if not hasattr(table, "qdata") or tuple(getattr(table, "block_size", ())) != (1, table.shape[1]):
+            return super().forward(input_ids)
+        # torchao's dequantization (dequantize_affine), on the looked-up rows only
+        rows = F.embedding(input_ids, table.qdata).to(torch.int32)
+        if table.zero_point is not None:
+            rows = rows - F.embedding(input_ids, table.zero_point.reshape(-1, 1)).to(torch.int32)
+        return (rows.to(table.scale.dtype) * F.embedding(input_ids, table.scale.reshape(-1, 1))).to(table.dtype)
 
 
 class MLMambaBlock(GradientCheckpointingLayer):
@@ -81,7 +98,7 @@ class MLMambaLanguageModel(nn.Module):
     def __init__(self, config: MLMambaTextConfig):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.embedding = TokenEmbedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList([MLMambaBlock(config) for _ in range(config.n_layer)])
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon)
 

@@ -125,3 +125,15 @@ def test_a_saved_int8_output_layer_loads_back_or_says_why_not(int8_and_reference
     with torch.no_grad():
         assert torch.equal(back.eval()(**inputs).logits, int8(**inputs).logits)
     assert quantized_modules(back) == quantized_modules(int8)
+
+
+def test_an_int8_embedding_looks_up_the_rows_torchao_dequantizes(int8_and_reference):
+    """The lookup reads only the ids' rows (torchao's own dequantizes the whole table per call): the same
+    values, bit for bit, as those rows of torchao's dequantized table."""
+    int8, _, _ = int8_and_reference
+    table = int8.get_input_embeddings().weight
+    if not hasattr(table, "qdata"):
+        pytest.skip("this recipe leaves the embedding in bf16")
+    ids = torch.tensor([[0, 5, table.shape[0] - 1, 5], [7, 7, 1, 2]])
+    with torch.no_grad():
+        assert torch.equal(int8.get_input_embeddings()(ids), torch.nn.functional.embedding(ids, table.dequantize()))
