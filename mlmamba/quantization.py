@@ -7,13 +7,12 @@
 
 `TorchAoConfig(Int8WeightOnlyConfig())` quantizes every `nn.Linear` but the output layer: that one is tied to
 the input embedding, which transformers leaves in the model dtype (77 of the 168 MB a 130m decoding step
-reads). This model differs from transformers' own in one way that matters here: the embedding is at
-`model.language_model.embedding`. Quantizing it through transformers' route takes torchao's `FqnToConfig`
-naming it (`include_input_output_embeddings` alone hands it to `quantize_`, whose default filter takes only
-linear layers), and naming the linear layers by weight, not by module: for a module pattern transformers
-quantizes the bias too, and loading then fails. The output layer then reads the embedding's int8 weights, as
-llama.cpp's Q8_0 does. The recipe is one function so that its patterns are tested against the model's own
-layers (tests/test_quantization.py): it must quantize exactly what the plain config does, plus that embedding.
+reads). transformers' route quantizes it only when torchao's `FqnToConfig` names it
+(`include_input_output_embeddings` alone hands it to `quantize_`, whose default filter takes linear layers
+only), and then the linear layers must be named too, by weight rather than by module (for a module pattern
+transformers quantizes the bias as well, and loading fails). Those names are this model's, hence a recipe
+here, tested against the model's own layers (tests/test_quantization.py): it quantizes exactly what the plain
+config does, plus that embedding, which the output layer then reads in int8, as llama.cpp's Q8_0 does.
 """
 
 from .modeling_mlmamba import TIED_EMBEDDING
